@@ -36,3 +36,18 @@ pub enum VmExit {
     /// The guest asked for a reset (reboot).
     Reset,
 }
+
+/// Errors that end a VM (placeholder until the VM module lands).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Not yet implemented.
+    #[error("not implemented")]
+    Unimplemented,
+}
+
+/// Builds the VM described by `config`, boots it with the serial console on
+/// stdin/stdout, and runs it until the guest powers off, resets or fails.
+pub fn run(config: VmConfig) -> Result<VmExit, Error> {
+    let _ = config;
+    Err(Error::Unimplemented)
+}
