@@ -2,6 +2,14 @@
 //! an in-kernel irqchip and PIT, legacy devices, and a boot path for Linux
 //! bzImages and ELF kernels.
 
+pub mod arch;
+pub mod devices;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;
+
+pub use vm::{Console, Error, Vm, run};
+
 use std::path::PathBuf;
 
 /// Where the guest kernel comes from.
@@ -37,17 +45,15 @@ pub enum VmExit {
     Reset,
 }
 
-/// Errors that end a VM (placeholder until the VM module lands).
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// Not yet implemented.
-    #[error("not implemented")]
-    Unimplemented,
-}
-
-/// Builds the VM described by `config`, boots it with the serial console on
-/// stdin/stdout, and runs it until the guest powers off, resets or fails.
-pub fn run(config: VmConfig) -> Result<VmExit, Error> {
-    let _ = config;
-    Err(Error::Unimplemented)
+/// Something that ends the VM, reported by a vCPU or a device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmEvent {
+    /// The guest powered off.
+    PowerOff,
+    /// The guest asked for a reset.
+    Reset,
+    /// The guest reported a panic.
+    GuestPanic,
+    /// The guest stopped in a way it cannot continue from.
+    Crash(String),
 }

@@ -1,0 +1,384 @@
+//! vCPU threads.
+//!
+//! Each vCPU runs `KVM_RUN` on its own thread, driven by a small state
+//! machine: **running** (in and out of `KVM_RUN`, serving port and MMIO
+//! exits), **paused** (blocked on its command channel, guest state frozen and
+//! readable), **stopped** (the guest failed or asked to end; waiting to be
+//! told to exit) and **exiting**. Commands arrive on a channel; to make a
+//! thread that is inside `KVM_RUN` look at them, the controller *kicks* it
+//! with a real-time signal whose handler sets `immediate_exit` in the vCPU's
+//! `kvm_run` page, so `KVM_RUN` returns `EINTR` at once — also when the
+//! signal lands just before the thread re-enters `KVM_RUN`.
+
+use std::cell::Cell;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_bindings::{
+    KVM_INTERNAL_ERROR_EMULATION, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN, kvm_run,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
+
+use crate::VmEvent;
+use crate::devices::Bus;
+use crate::memory::GuestMemoryMmap;
+
+/// Offset from `SIGRTMIN` of the signal that kicks vCPU threads.
+const KICK_SIGNAL_OFFSET: i32 = 0;
+
+/// How long a controller waits for a vCPU to acknowledge a command before
+/// declaring it stuck.
+const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+thread_local! {
+    /// This thread's `kvm_run` page, for the kick signal handler.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn kick_handler(
+    _num: libc::c_int,
+    _info: *mut libc::siginfo_t,
+    _ctx: *mut libc::c_void,
+) {
+    let run = KVM_RUN.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: the pointer is this thread's own kvm_run mapping, set by
+        // the vCPU thread before it first enters KVM_RUN and cleared before
+        // the VcpuFd (and so the mapping) is dropped. Writing one byte is
+        // async-signal-safe.
+        unsafe { std::ptr::write_volatile(&mut (*run).immediate_exit, 1) };
+    }
+}
+
+/// Errors of vCPU threads.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// The kick signal handler could not be installed.
+    #[error("cannot install the vCPU kick signal handler")]
+    Signal(#[source] vmm_sys_util::errno::Error),
+    /// The thread could not be started.
+    #[error("cannot start the thread of vCPU {0}")]
+    Spawn(u8, #[source] std::io::Error),
+    /// The thread could not be signalled.
+    #[error("cannot kick vCPU {0}")]
+    Kick(u8, #[source] vmm_sys_util::errno::Error),
+    /// The thread did not answer in time.
+    #[error("vCPU {0} did not acknowledge a {1:?} request")]
+    NoAck(u8, VcpuCommand),
+}
+
+/// Installs the kick signal handler (idempotent).
+pub fn register_kick_signal() -> Result<(), VcpuError> {
+    static REGISTERED: std::sync::OnceLock<Result<(), vmm_sys_util::errno::Error>> =
+        std::sync::OnceLock::new();
+    (*REGISTERED
+        .get_or_init(|| register_signal_handler(SIGRTMIN() + KICK_SIGNAL_OFFSET, kick_handler)))
+    .map_err(VcpuError::Signal)
+}
+
+/// What a controller asks of a vCPU thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcpuCommand {
+    /// Leave `KVM_RUN` and wait.
+    Pause,
+    /// Continue running the guest.
+    Resume,
+    /// End the thread.
+    Exit,
+}
+
+/// The state machine's states.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcpuState {
+    /// Running guest code.
+    Running,
+    /// Frozen on request.
+    Paused,
+    /// Stopped because the guest failed or asked to end.
+    Stopped,
+    /// Ending.
+    Exiting,
+}
+
+/// The next state for `command` in `state`. A stopped vCPU stays stopped
+/// whatever it is asked, except to exit.
+pub fn transition(state: VcpuState, command: VcpuCommand) -> VcpuState {
+    match (state, command) {
+        (_, VcpuCommand::Exit) => VcpuState::Exiting,
+        (VcpuState::Stopped, _) => VcpuState::Stopped,
+        (_, VcpuCommand::Pause) => VcpuState::Paused,
+        (_, VcpuCommand::Resume) => VcpuState::Running,
+    }
+}
+
+/// What one exit from `KVM_RUN` means for the loop.
+enum Step {
+    Continue,
+    Interrupted,
+    Stop(VmEvent),
+}
+
+/// A vCPU and what it needs to serve its exits.
+pub struct Vcpu {
+    index: u8,
+    fd: VcpuFd,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    memory: GuestMemoryMmap,
+    events: Sender<VmEvent>,
+}
+
+impl Vcpu {
+    /// Wraps a configured vCPU.
+    pub fn new(
+        index: u8,
+        fd: VcpuFd,
+        pio: Arc<Bus>,
+        mmio: Arc<Bus>,
+        memory: GuestMemoryMmap,
+        events: Sender<VmEvent>,
+    ) -> Self {
+        Vcpu {
+            index,
+            fd,
+            pio,
+            mmio,
+            memory,
+            events,
+        }
+    }
+
+    /// Starts the vCPU's thread in `initial` state (running or paused).
+    pub fn start(self, initial: VcpuState) -> Result<VcpuHandle, VcpuError> {
+        register_kick_signal()?;
+        let index = self.index;
+        let (cmd_tx, cmd_rx) = channel();
+        let (ack_tx, ack_rx) = channel();
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || self.thread_main(initial, cmd_rx, ack_tx))
+            .map_err(|e| VcpuError::Spawn(index, e))?;
+        Ok(VcpuHandle {
+            index,
+            commands: cmd_tx,
+            acks: ack_rx,
+            thread: Some(thread),
+        })
+    }
+
+    fn thread_main(
+        mut self,
+        mut state: VcpuState,
+        commands: Receiver<VcpuCommand>,
+        acks: Sender<VcpuState>,
+    ) {
+        KVM_RUN.with(|c| c.set(self.fd.get_kvm_run()));
+        loop {
+            match state {
+                VcpuState::Running => {
+                    // Commands that arrived while serving the previous exit.
+                    if let Ok(cmd) = commands.try_recv() {
+                        state = transition(state, cmd);
+                        let _ = acks.send(state);
+                        continue;
+                    }
+                    match self.run_once() {
+                        Step::Continue => {}
+                        Step::Interrupted => self.fd.set_kvm_immediate_exit(0),
+                        Step::Stop(event) => {
+                            state = VcpuState::Stopped;
+                            let _ = self.events.send(event);
+                        }
+                    }
+                }
+                VcpuState::Paused | VcpuState::Stopped => match commands.recv() {
+                    Ok(cmd) => {
+                        state = transition(state, cmd);
+                        let _ = acks.send(state);
+                    }
+                    Err(_) => state = VcpuState::Exiting,
+                },
+                VcpuState::Exiting => break,
+            }
+        }
+        KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
+    }
+
+    fn run_once(&mut self) -> Step {
+        let exit = match self.fd.run() {
+            Ok(exit) => exit,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                return Step::Interrupted;
+            }
+            Err(e) => {
+                return Step::Stop(VmEvent::Crash(format!(
+                    "vCPU {}: KVM_RUN failed: {e}",
+                    self.index
+                )));
+            }
+        };
+        match exit {
+            VcpuExit::IoIn(port, data) => {
+                if !self.pio.read(u64::from(port), data) {
+                    tracing::trace!("unhandled port read {port:#x}");
+                }
+                Step::Continue
+            }
+            VcpuExit::IoOut(port, data) => {
+                if !self.pio.write(u64::from(port), data) {
+                    tracing::trace!("unhandled port write {port:#x}");
+                }
+                Step::Continue
+            }
+            VcpuExit::MmioRead(addr, data) => {
+                if !self.mmio.read(addr, data) {
+                    tracing::debug!("unhandled MMIO read {addr:#x}");
+                    data.fill(0);
+                }
+                Step::Continue
+            }
+            VcpuExit::MmioWrite(addr, data) => {
+                if !self.mmio.write(addr, data) {
+                    tracing::debug!("unhandled MMIO write {addr:#x}");
+                }
+                Step::Continue
+            }
+            VcpuExit::Intr => Step::Interrupted,
+            VcpuExit::Hlt => Step::Stop(VmEvent::PowerOff),
+            VcpuExit::Shutdown => Step::Stop(VmEvent::Crash(
+                self.describe("the guest triple-faulted (a CPU exception it could not handle)"),
+            )),
+            VcpuExit::SystemEvent(kind, _) => match kind {
+                KVM_SYSTEM_EVENT_SHUTDOWN => Step::Stop(VmEvent::PowerOff),
+                KVM_SYSTEM_EVENT_RESET => Step::Stop(VmEvent::Reset),
+                KVM_SYSTEM_EVENT_CRASH => Step::Stop(VmEvent::GuestPanic),
+                other => Step::Stop(VmEvent::Crash(format!(
+                    "vCPU {}: unknown system event {other}",
+                    self.index
+                ))),
+            },
+            VcpuExit::InternalError => {
+                let run = self.fd.get_kvm_run();
+                // SAFETY: after KVM_EXIT_INTERNAL_ERROR the `internal` member
+                // of the exit union is the one KVM filled in.
+                let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
+                let what = if suberror == KVM_INTERNAL_ERROR_EMULATION {
+                    "emulation failure: KVM cannot execute the guest instruction".to_string()
+                } else {
+                    format!("KVM internal error (suberror {suberror})")
+                };
+                Step::Stop(VmEvent::Crash(self.describe(&what)))
+            }
+            VcpuExit::FailEntry(reason, cpu) => Step::Stop(VmEvent::Crash(self.describe(
+                &format!("KVM could not enter the guest (reason {reason:#x}, host cpu {cpu})"),
+            ))),
+            other => {
+                let what = format!("unexpected vCPU exit {other:?}");
+                Step::Stop(VmEvent::Crash(self.describe(&what)))
+            }
+        }
+    }
+
+    /// `what`, with the vCPU, the instruction address and the bytes there.
+    fn describe(&self, what: &str) -> String {
+        let Ok(regs) = self.fd.get_regs() else {
+            return format!("vCPU {}: {what}", self.index);
+        };
+        let mut text = format!("vCPU {}: {what} at rip {:#x}", self.index, regs.rip);
+        if let Ok(t) = self.fd.translate_gva(regs.rip)
+            && t.valid != 0
+        {
+            let mut bytes = [0u8; 15];
+            if self
+                .memory
+                .read_slice(&mut bytes, GuestAddress(t.physical_address))
+                .is_ok()
+            {
+                let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
+                text.push_str(&format!(
+                    " (guest-physical {:#x}, bytes {})",
+                    t.physical_address,
+                    hex.join(" ")
+                ));
+            }
+        }
+        text
+    }
+}
+
+/// The controller's side of a vCPU thread.
+pub struct VcpuHandle {
+    index: u8,
+    commands: Sender<VcpuCommand>,
+    acks: Receiver<VcpuState>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl VcpuHandle {
+    /// The vCPU's index.
+    pub fn index(&self) -> u8 {
+        self.index
+    }
+
+    /// Sends `command` and kicks the thread out of `KVM_RUN`.
+    pub fn send(&self, command: VcpuCommand) -> Result<(), VcpuError> {
+        if self.commands.send(command).is_err() {
+            // The thread is gone; nothing left to command.
+            return Ok(());
+        }
+        if let Some(t) = &self.thread
+            && !t.is_finished()
+        {
+            t.kill(SIGRTMIN() + KICK_SIGNAL_OFFSET)
+                .map_err(|e| VcpuError::Kick(self.index, e))?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the thread to acknowledge the last command; returns its new
+    /// state.
+    pub fn wait_ack(&self, command: VcpuCommand) -> Result<VcpuState, VcpuError> {
+        self.acks
+            .recv_timeout(ACK_TIMEOUT)
+            .map_err(|_| VcpuError::NoAck(self.index, command))
+    }
+
+    /// Ends the thread and waits for it.
+    pub fn exit(&mut self) {
+        let _ = self.send(VcpuCommand::Exit);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for VcpuHandle {
+    fn drop(&mut self) {
+        self.exit();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use VcpuCommand::*;
+    use VcpuState::*;
+
+    #[test]
+    fn state_machine() {
+        assert_eq!(transition(Running, Pause), Paused);
+        assert_eq!(transition(Paused, Resume), Running);
+        assert_eq!(transition(Paused, Pause), Paused);
+        assert_eq!(transition(Running, Resume), Running);
+        assert_eq!(transition(Stopped, Resume), Stopped);
+        assert_eq!(transition(Stopped, Pause), Stopped);
+        for s in [Running, Paused, Stopped] {
+            assert_eq!(transition(s, Exit), Exiting);
+        }
+    }
+}

@@ -1,0 +1,430 @@
+//! The VM: KVM objects, guest RAM, devices and vCPU threads, built from a
+//! [`VmConfig`] and driven through pause, resume and dirty-page collection.
+
+use std::fs::File;
+use std::io::{Cursor, Read, Write};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::{boot, cpuid, msr, regs};
+use crate::devices::legacy::{
+    I8042, I8042_BASE, I8042_LEN, SERIAL_IRQ, SERIAL_PORT_BASE, SERIAL_PORT_LEN, SYSCTL_PORT,
+    SerialDevice, SystemControl,
+};
+use crate::devices::{Bus, BusError, lock};
+use crate::memory::{DirtyBitmap, GuestMemoryMmap, GuestRam, MMIO_HOLE_START, MemoryError};
+use crate::vcpu::{Vcpu, VcpuCommand, VcpuError, VcpuHandle, VcpuState};
+use crate::{KernelSource, VmConfig, VmEvent, VmExit};
+
+/// Most vCPUs a VM may have: the MP table gives the IOAPIC the APIC ID
+/// after the last vCPU's, and 255 is the broadcast ID.
+const MAX_VCPUS: usize = 254;
+
+/// Where KVM's real-mode TSS goes (three pages just below the IOAPIC area).
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// Errors while building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `/dev/kvm` does not exist.
+    #[error("/dev/kvm not found: this host does not provide KVM (is the kvm module loaded?)")]
+    KvmMissing,
+    /// `/dev/kvm` exists but may not be opened.
+    #[error("permission denied opening /dev/kvm (run as root or join the kvm group)")]
+    KvmPermission,
+    /// `/dev/kvm` could not be opened for another reason.
+    #[error("cannot open /dev/kvm")]
+    KvmOpen(#[source] kvm_ioctls::Error),
+    /// KVM lacks a capability twinvm needs.
+    #[error("KVM on this host lacks the {0} capability twinvm needs")]
+    KvmCapability(&'static str),
+    /// A KVM VM-level call failed.
+    #[error("cannot {0}")]
+    Kvm(&'static str, #[source] kvm_ioctls::Error),
+    /// More vCPUs than KVM (or the MP table) allows.
+    #[error("--cpus {asked} exceeds this host's limit of {limit} vCPUs")]
+    TooManyCpus {
+        /// vCPUs asked for.
+        asked: u8,
+        /// The limit.
+        limit: usize,
+    },
+    /// Zero vCPUs.
+    #[error("--cpus must be at least 1")]
+    NoCpus,
+    /// More memory than the host has.
+    #[error("guest memory of {asked} bytes exceeds the host's {host} bytes of memory")]
+    MemoryExceedsHost {
+        /// Bytes asked for.
+        asked: u64,
+        /// The host's RAM plus swap.
+        host: u64,
+    },
+    /// Guest memory setup failed.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Loading the kernel, initrd or boot parameters failed.
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    /// Register setup failed.
+    #[error(transparent)]
+    Regs(#[from] regs::RegsError),
+    /// MSR setup failed.
+    #[error(transparent)]
+    Msr(#[from] msr::MsrError),
+    /// A device could not be placed on its bus.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// An eventfd could not be created.
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// A vCPU thread failed.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// The guest reported a panic.
+    #[error("the guest reported a panic (see its console output)")]
+    GuestPanic,
+    /// The guest stopped in a way it cannot continue from.
+    #[error("guest crashed: {0}")]
+    GuestCrash(String),
+    /// All event senders are gone (internal error).
+    #[error("the VM's event channel closed unexpectedly")]
+    EventsClosed,
+}
+
+/// Where the serial console's bytes go and come from.
+pub struct Console {
+    /// Receives what the guest transmits.
+    pub output: Box<dyn Write + Send>,
+    /// Supplies what the guest receives, if anything.
+    pub input: Option<Box<dyn Read + Send>>,
+}
+
+impl Console {
+    /// The process's stdout and stdin.
+    pub fn stdio() -> Self {
+        Console {
+            output: Box::new(std::io::stdout()),
+            input: Some(Box::new(std::io::stdin())),
+        }
+    }
+}
+
+/// Opens KVM with errors that say what to do.
+fn open_kvm() -> Result<Kvm, Error> {
+    Kvm::new().map_err(|e| match e.errno() {
+        libc::ENOENT | libc::ENODEV | libc::ENXIO => Error::KvmMissing,
+        libc::EACCES | libc::EPERM => Error::KvmPermission,
+        _ => Error::KvmOpen(e),
+    })
+}
+
+/// Host RAM plus swap, in bytes.
+fn host_memory() -> Option<u64> {
+    // SAFETY: sysinfo only writes into the zeroed struct we pass.
+    let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };
+    // SAFETY: `info` is a valid, writable sysinfo struct.
+    if unsafe { libc::sysinfo(&mut info) } != 0 {
+        return None;
+    }
+    let unit = u64::from(info.mem_unit.max(1));
+    Some((info.totalram as u64 + info.totalswap as u64) * unit)
+}
+
+/// A built VM.
+pub struct Vm {
+    // Field order is drop order: vCPU threads end before the VM fd closes,
+    // and the VM fd closes before guest RAM is unmapped.
+    vcpus: Vec<VcpuHandle>,
+    serial: Arc<Mutex<SerialDevice>>,
+    events_tx: Sender<VmEvent>,
+    events: Receiver<VmEvent>,
+    vm_fd: VmFd,
+    ram: GuestRam,
+    _kvm: Kvm,
+}
+
+impl Vm {
+    /// Builds the VM: KVM objects, RAM, devices, the loaded kernel and
+    /// vCPUs set to boot. Nothing runs until [`Vm::start`].
+    pub fn new(config: &VmConfig, console: Console) -> Result<Vm, Error> {
+        if config.vcpus == 0 {
+            return Err(Error::NoCpus);
+        }
+        if let Some(host) = host_memory()
+            && config.memory_bytes > host
+        {
+            return Err(Error::MemoryExceedsHost {
+                asked: config.memory_bytes,
+                host,
+            });
+        }
+        let kvm = open_kvm()?;
+        for (cap, name) in [
+            (Cap::Irqchip, "in-kernel irqchip"),
+            (Cap::Pit2, "PIT2"),
+            (Cap::Irqfd, "irqfd"),
+            (Cap::Ioeventfd, "ioeventfd"),
+            (Cap::UserMemory, "user memory"),
+            (Cap::ImmediateExit, "immediate exit"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(Error::KvmCapability(name));
+            }
+        }
+        let limit = kvm.get_max_vcpus().min(MAX_VCPUS);
+        if usize::from(config.vcpus) > limit {
+            return Err(Error::TooManyCpus {
+                asked: config.vcpus,
+                limit,
+            });
+        }
+
+        let vm_fd = kvm.create_vm().map_err(|e| Error::Kvm("create a VM", e))?;
+        vm_fd
+            .set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(|e| Error::Kvm("set the TSS address", e))?;
+        vm_fd
+            .create_irq_chip()
+            .map_err(|e| Error::Kvm("create the in-kernel irqchip", e))?;
+        vm_fd
+            .create_pit2(kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            })
+            .map_err(|e| Error::Kvm("create the in-kernel PIT", e))?;
+
+        let ram = GuestRam::new(&vm_fd, config.memory_bytes)?;
+        let mem = ram.memory();
+        let kernel = load_kernel(mem, &config.kernel)?;
+        let low_ram_end = config.memory_bytes.min(MMIO_HOLE_START);
+        let initrd = config
+            .initrd
+            .as_deref()
+            .map(|p| boot::load_initrd(mem, p, &kernel, low_ram_end))
+            .transpose()?;
+        let cmdline = boot::build_cmdline(kernel.format, &config.cmdline)?;
+        boot::write_boot_params(
+            mem,
+            &boot::BootInfo {
+                kernel: &kernel,
+                cmdline: &cmdline,
+                initrd,
+                ram_size: config.memory_bytes,
+            },
+        )?;
+        // MPTABLE-PENDING mptable::setup_mptable(mem, config.vcpus)?;
+        regs::setup_page_tables(mem, ram_end(config.memory_bytes))?;
+
+        let (events_tx, events) = channel();
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
+        vm_fd
+            .register_irqfd(&serial_irq, SERIAL_IRQ)
+            .map_err(|e| Error::Kvm("register the serial port's irqfd", e))?;
+        let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, console.output)));
+        let mut pio = Bus::new();
+        pio.insert(serial.clone(), SERIAL_PORT_BASE, SERIAL_PORT_LEN)?;
+        pio.insert(
+            Arc::new(Mutex::new(I8042::new(events_tx.clone()))),
+            I8042_BASE,
+            I8042_LEN,
+        )?;
+        pio.insert(
+            Arc::new(Mutex::new(SystemControl::new(events_tx.clone()))),
+            SYSCTL_PORT,
+            1,
+        )?;
+        let pio = Arc::new(pio);
+        let mmio = Arc::new(Bus::new());
+
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| Error::Kvm("read KVM's supported CPUID", e))?;
+        let mut vcpus = Vec::new();
+        let mut handles = Vec::new();
+        for index in 0..config.vcpus {
+            let fd = vm_fd
+                .create_vcpu(u64::from(index))
+                .map_err(|e| Error::Kvm("create a vCPU", e))?;
+            let mut cpuid = supported.clone();
+            cpuid::adjust_for_vcpu(&mut cpuid, index, config.vcpus);
+            fd.set_cpuid2(&cpuid)
+                .map_err(|e| Error::Kvm("set a vCPU's CPUID", e))?;
+            msr::setup_msrs(&fd)?;
+            regs::setup_lint(&fd)?;
+            if index == 0 {
+                regs::setup_boot_vcpu(&fd, mem, kernel.entry)?;
+            }
+            vcpus.push(Vcpu::new(
+                index,
+                fd,
+                pio.clone(),
+                mmio.clone(),
+                mem.clone(),
+                events_tx.clone(),
+            ));
+        }
+        for vcpu in vcpus {
+            handles.push(vcpu.start(VcpuState::Paused)?);
+        }
+        if let Some(input) = console.input {
+            spawn_console_input(input, serial.clone());
+        }
+        Ok(Vm {
+            vcpus: handles,
+            serial,
+            events_tx,
+            events,
+            vm_fd,
+            ram,
+            _kvm: kvm,
+        })
+    }
+
+    fn command_all(&self, command: VcpuCommand) -> Result<(), Error> {
+        for v in &self.vcpus {
+            v.send(command)?;
+        }
+        for v in &self.vcpus {
+            v.wait_ack(command)?;
+        }
+        Ok(())
+    }
+
+    /// Starts (or resumes) every vCPU.
+    pub fn resume(&self) -> Result<(), Error> {
+        self.command_all(VcpuCommand::Resume)
+    }
+
+    /// Starts the guest. Same as [`Vm::resume`].
+    pub fn start(&self) -> Result<(), Error> {
+        self.resume()
+    }
+
+    /// Freezes every vCPU; returns once none of them runs guest code.
+    pub fn pause(&self) -> Result<(), Error> {
+        self.command_all(VcpuCommand::Pause)
+    }
+
+    /// The pages written since the last call (by the guest or the VMM).
+    pub fn take_dirty(&self) -> Result<DirtyBitmap, Error> {
+        Ok(self.ram.take_dirty(&self.vm_fd)?)
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        self.ram.memory()
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    /// Queues bytes for the guest's serial port, waiting (bounded by
+    /// `timeout`) while its receive FIFO is full. Returns the bytes queued.
+    pub fn send_console_input(&self, bytes: &[u8], timeout: Duration) -> usize {
+        feed_serial(&self.serial, bytes, Some(timeout))
+    }
+
+    /// A sender for VM events, so that other parts (e.g. an API) can end the
+    /// VM.
+    pub fn event_sender(&self) -> Sender<VmEvent> {
+        self.events_tx.clone()
+    }
+
+    /// Waits until the guest ends or fails; stops every vCPU.
+    pub fn wait(&mut self) -> Result<VmExit, Error> {
+        let event = self.events.recv().map_err(|_| Error::EventsClosed)?;
+        for v in &mut self.vcpus {
+            v.exit();
+        }
+        match event {
+            VmEvent::PowerOff => Ok(VmExit::PowerOff),
+            VmEvent::Reset => Ok(VmExit::Reset),
+            VmEvent::GuestPanic => Err(Error::GuestPanic),
+            VmEvent::Crash(msg) => Err(Error::GuestCrash(msg)),
+        }
+    }
+}
+
+/// One past the last guest-physical RAM address.
+fn ram_end(size: u64) -> u64 {
+    crate::memory::ram_ranges(size)
+        .ok()
+        .and_then(|r| r.last().map(|(a, l)| a.0 + l))
+        .unwrap_or(size)
+}
+
+fn load_kernel(mem: &GuestMemoryMmap, source: &KernelSource) -> Result<boot::LoadedKernel, Error> {
+    Ok(match source {
+        KernelSource::File(path) => {
+            let mut file: File = boot::open_kernel(path)?;
+            boot::load_kernel(mem, &path.display().to_string(), &mut file)?
+        }
+        KernelSource::Bytes(bytes) => {
+            boot::load_kernel(mem, "the bundled test guest", &mut Cursor::new(*bytes))?
+        }
+    })
+}
+
+/// Moves `bytes` into the serial receive FIFO as room frees up. With a
+/// timeout, gives up after it; returns the bytes queued.
+fn feed_serial(serial: &Mutex<SerialDevice>, bytes: &[u8], timeout: Option<Duration>) -> usize {
+    let start = std::time::Instant::now();
+    let mut done = 0;
+    while done < bytes.len() {
+        let n = {
+            let mut s = lock(serial);
+            if s.input_capacity() == 0 {
+                0
+            } else {
+                s.enqueue_input(&bytes[done..])
+            }
+        };
+        done += n;
+        if n == 0 {
+            if timeout.is_some_and(|t| start.elapsed() >= t) {
+                break;
+            }
+            // The guest drains the FIFO at its own pace; poll gently.
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    done
+}
+
+/// Copies console input into the serial port on a thread of its own.
+fn spawn_console_input(mut input: Box<dyn Read + Send>, serial: Arc<Mutex<SerialDevice>>) {
+    let spawned = std::thread::Builder::new()
+        .name("console-in".into())
+        .spawn(move || {
+            let mut buf = [0u8; 64];
+            loop {
+                match input.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        feed_serial(&serial, &buf[..n], None);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("console input disabled: cannot start its thread: {e}");
+    }
+}
+
+/// Builds the VM described by `config` with its console on stdin/stdout,
+/// runs it until the guest powers off, resets or fails.
+pub fn run(config: VmConfig) -> Result<VmExit, Error> {
+    let mut vm = Vm::new(&config, Console::stdio())?;
+    vm.start()?;
+    vm.wait()
+}
