@@ -1,0 +1,168 @@
+//! The twinvm test guest: a freestanding x86_64 program that prints a ready
+//! banner, counts PIT ticks, dirties memory at a chosen rate and obeys a few
+//! serial commands. See `docs/test-guest.md` at the repository root.
+
+#![no_std]
+#![no_main]
+#![warn(clippy::undocumented_unsafe_blocks)]
+
+mod hw;
+
+use core::panic::PanicInfo;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use hw::interrupts::{self, wait_for_interrupt};
+use hw::power;
+use hw::serial::{self, Serial};
+use testguest::TICKS_PER_SECOND;
+use testguest::bootparams::{BOOT_PARAMS_SIZE, BootParams, CMDLINE_MAX};
+use testguest::command::{Command, LineReader};
+use testguest::config::Config;
+use testguest::fmt::Sink;
+use testguest::memmap::work_area;
+use testguest::report;
+use testguest::workload::Workload;
+
+unsafe extern "C" {
+    /// End of the memory the image uses, stack included (link.ld).
+    static __image_end: u8;
+}
+
+/// The tick counter, kept in guest memory: ticks handled by the main loop.
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Called by `_start` with the guest-physical address of `boot_params`.
+extern "C" fn kmain(boot_params: u64) -> ! {
+    Serial::init();
+    interrupts::init();
+    report::banner(&mut Serial);
+
+    // SAFETY: twinvm passes the address of a 4 KiB boot_params page, identity
+    // mapped; the guest never writes it.
+    let bp = BootParams::new(unsafe { &*(boot_params as *const [u8; BOOT_PARAMS_SIZE]) });
+    let config = Config::parse(cmdline(bp.cmd_line_ptr()));
+    let image_end = &raw const __image_end as u64;
+    let area = work_area(bp.e820(), image_end, config.dirty_bytes());
+    report::config(&mut Serial, &config, &area);
+
+    interrupts::start_timer();
+    if config.measure_ips {
+        let (outer, ticks) = interrupts::run_ips_loop(testguest::ips::MEASURE_TICKS);
+        report::ips(
+            &mut Serial,
+            testguest::ips::instructions_per_second(outer, ticks),
+        );
+    }
+    run(&config, Workload::new(area, config.dirty_rate))
+}
+
+/// The command line at guest-physical address `ptr` (empty if 0), up to its
+/// NUL or [`CMDLINE_MAX`] bytes.
+fn cmdline(ptr: u32) -> &'static [u8] {
+    if ptr == 0 {
+        return &[];
+    }
+    let start = ptr as usize as *const u8;
+    let mut len = 0;
+    // SAFETY: twinvm places a NUL-terminated command line at ptr in identity
+    // mapped RAM; the scan stops at the NUL or the length limit.
+    while len < CMDLINE_MAX && unsafe { start.add(len).read() } != 0 {
+        len += 1;
+    }
+    // SAFETY: the len bytes just read are valid and nothing writes them.
+    unsafe { core::slice::from_raw_parts(start, len) }
+}
+
+/// The serial input line being assembled. A static rather than a local: it
+/// starts zeroed with .bss, where a local would be zeroed with block stores.
+static mut INPUT: LineReader = LineReader::new();
+
+/// The main loop: handle the ticks that arrived, poll the serial port, halt.
+fn run(config: &Config, mut workload: Workload) -> ! {
+    let input = &raw mut INPUT;
+    // SAFETY: run is entered once and never returns, so this is the only
+    // reference to INPUT there will ever be.
+    let input = unsafe { &mut *input };
+    let poweroff_tick = config.poweroff_after.saturating_mul(TICKS_PER_SECOND);
+    let mut counter = 0u64;
+    loop {
+        let arrived = interrupts::ticks();
+        while counter < arrived {
+            counter += 1;
+            COUNTER.store(counter, Ordering::Relaxed);
+            workload.tick(counter, |addr, value| {
+                // SAFETY: addr is a page of the work area: RAM above the
+                // image, identity mapped, used by nothing else.
+                unsafe { (addr as *mut u64).write_volatile(value) }
+            });
+            if counter.is_multiple_of(TICKS_PER_SECOND) {
+                report::counter(&mut Serial, counter, workload.dirtied());
+                if counter == poweroff_tick {
+                    Serial.put_str("poweroff\n");
+                    power::poweroff();
+                }
+            }
+        }
+        for _ in 0..serial::READ_BURST {
+            let Some(byte) = Serial::try_read() else {
+                break;
+            };
+            if let Some(line) = input.push(byte) {
+                match line.command() {
+                    None => {}
+                    Some(Command::Poweroff) => {
+                        Serial.put_str("poweroff\n");
+                        power::poweroff();
+                    }
+                    Some(Command::Reboot) => {
+                        Serial.put_str("reboot\n");
+                        power::reboot();
+                    }
+                    Some(Command::Counter) => {
+                        report::counter(&mut Serial, counter, workload.dirtied())
+                    }
+                    Some(Command::Panic) => panic!("panic requested on the serial port"),
+                    Some(Command::Unknown) => report::unknown_command(&mut Serial, line.bytes),
+                }
+            }
+        }
+        if interrupts::ticks() == counter {
+            wait_for_interrupt();
+        }
+    }
+}
+
+/// Set by the first panic, so a panic while reporting one stops at once.
+static PANICKING: AtomicBool = AtomicBool::new(false);
+
+#[panic_handler]
+fn panic(info: &PanicInfo) -> ! {
+    if !PANICKING.swap(true, Ordering::Relaxed) {
+        let out = &mut Serial;
+        out.put_str("PANIC: ");
+        match info.message().as_str() {
+            Some(message) => out.put_str(message),
+            None => {
+                let _ = core::fmt::write(&mut FmtSerial, format_args!("{}", info.message()));
+            }
+        }
+        if let Some(location) = info.location() {
+            out.put_str(" at ");
+            out.put_str(location.file());
+            out.put(b':');
+            out.put_u64(u64::from(location.line()));
+        }
+        out.put(b'\n');
+    }
+    power::panic()
+}
+
+/// `core::fmt` output to the serial port (panic messages with arguments).
+struct FmtSerial;
+
+impl core::fmt::Write for FmtSerial {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        Serial.put_str(s);
+        Ok(())
+    }
+}
