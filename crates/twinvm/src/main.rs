@@ -1,3 +1,164 @@
-fn main() {
-    println!("Hello, world!");
+//! `twinvm`: the command-line front end of the twinvm VMM.
+//!
+//! stdout carries only the guest's serial console; logs and errors go to
+//! stderr. Exit status: 0 when the guest powers off or resets, 1 on any
+//! error, 2 on a command-line usage error.
+
+mod cli;
+mod config;
+mod size;
+mod testguest;
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::Parser;
+use clap::error::ErrorKind;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::LevelFilter;
+
+/// Errors that end `twinvm`.
+#[derive(Debug, thiserror::Error)]
+enum Error {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] config::Error),
+    /// The VM failed.
+    #[error(transparent)]
+    Vm(#[from] vmm::Error),
+}
+
+fn main() -> ExitCode {
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => return usage_error(err),
+    };
+    init_logging();
+    match run(cli) {
+        Ok(exit) => {
+            tracing::info!(?exit, "VM ended");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("twinvm: error: {}", error_chain(&err));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: cli::Cli) -> Result<vmm::VmExit, Error> {
+    match cli.command {
+        cli::Command::Run(args) => {
+            let config = config::vm_config(&args, testguest::ELF)?;
+            tracing::debug!(
+                memory_bytes = config.memory_bytes,
+                vcpus = config.vcpus,
+                initrd = ?config.initrd,
+                cmdline = %config.cmdline,
+                "starting VM"
+            );
+            Ok(vmm::run(config)?)
+        }
+    }
+}
+
+/// Handles a clap error: help and version go to stdout with status 0 as
+/// usual; a usage error becomes one `twinvm: error:` line and status 2.
+fn usage_error(err: clap::Error) -> ExitCode {
+    match err.kind() {
+        ErrorKind::DisplayHelp
+        | ErrorKind::DisplayVersion
+        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            // Prints to stdout or stderr as appropriate; if even that fails
+            // there is nowhere left to report it.
+            let _ = err.print();
+            ExitCode::from(u8::try_from(err.exit_code()).unwrap_or(2))
+        }
+        _ => {
+            eprintln!("twinvm: error: {}", cli::one_line_message(&err));
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Logs to stderr, filtered by `TWINVM_LOG` (tracing env-filter syntax,
+/// default "warn"; invalid directives are ignored), in colour only when
+/// stderr is a terminal.
+fn init_logging() {
+    let filter = EnvFilter::builder()
+        .with_default_directive(LevelFilter::WARN.into())
+        .with_env_var("TWINVM_LOG")
+        .from_env_lossy();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+/// `err` and its `source()` chain joined with ": " on one line. A source
+/// whose text the previous message already ends with is not repeated.
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut msg = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !text.is_empty() && !msg.ends_with(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+        source = s.source();
+    }
+    msg.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    enum Outer {
+        #[error("cannot load kernel '/k'")]
+        Load(#[source] Inner),
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    enum Inner {
+        #[error("reading the image")]
+        Read(#[source] std::io::Error),
+    }
+
+    #[test]
+    fn chain_is_joined_on_one_line() {
+        let err = Outer::Load(Inner::Read(std::io::Error::from_raw_os_error(libc::ENOENT)));
+        assert_eq!(
+            error_chain(&err),
+            "cannot load kernel '/k': reading the image: No such file or directory (os error 2)"
+        );
+    }
+
+    #[test]
+    fn repeated_source_text_is_not_duplicated() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("open failed: {0}")]
+        struct Repeats(#[source] std::io::Error);
+        let err = Repeats(std::io::Error::other("boom"));
+        assert_eq!(error_chain(&err), "open failed: boom");
+    }
+
+    #[test]
+    fn multi_line_messages_are_flattened() {
+        let err = std::io::Error::other("first\n  second\n");
+        assert_eq!(error_chain(&err), "first second");
+    }
+
+    #[test]
+    fn config_errors_are_transparent() {
+        let err = Error::from(config::Error::NoBundledGuest);
+        assert!(error_chain(&err).starts_with("no kernel given"));
+    }
 }

@@ -1,0 +1,335 @@
+//! Bad input must end `twinvm` quickly with one clear error line on stderr
+//! and a non-zero exit status — never a panic, never a hang.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Command, ExitStatus};
+use std::time::Duration;
+
+use common::{TempDir, kvm_available, run_command_to_exit, run_to_exit, twinvm_bin};
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Exit status for a command-line usage error (as clap uses).
+const USAGE: i32 = 2;
+/// Exit status for every other error.
+const FAILURE: i32 = 1;
+
+/// Asserts the outcome of a rejected run: exit status `code`, nothing on
+/// stdout, and exactly one non-empty stderr line, `twinvm: error: ...`,
+/// containing every string in `want` (compared case-insensitively).
+fn assert_rejected(outcome: (ExitStatus, String, String), code: i32, want: &[&str]) {
+    let (status, stdout, stderr) = outcome;
+    let dump = format!("status: {status}\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(!stderr.contains("panicked"), "twinvm panicked\n{dump}");
+    assert_eq!(status.code(), Some(code), "wrong exit status\n{dump}");
+    assert!(
+        stdout.trim().is_empty(),
+        "unexpected output on stdout\n{dump}"
+    );
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one error line\n{dump}");
+    let line = lines[0];
+    assert!(
+        line.starts_with("twinvm: error: "),
+        "error line lacks the prefix\n{dump}"
+    );
+    let lower = line.to_lowercase();
+    for w in want {
+        assert!(
+            lower.contains(&w.to_lowercase()),
+            "error line does not mention {w:?}\n{dump}"
+        );
+    }
+}
+
+fn reject(args: &[&str], code: i32, want: &[&str]) {
+    assert_rejected(run_to_exit(args, TIMEOUT), code, want);
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn path_str(p: &std::path::Path) -> &str {
+    p.to_str().expect("temp paths are UTF-8")
+}
+
+// ---- command line (checked before the VMM runs) ----
+
+#[test]
+fn memory_zero() {
+    reject(
+        &["run", "--memory", "0"],
+        USAGE,
+        &["memory", "greater than zero"],
+    );
+}
+
+#[test]
+fn memory_not_a_size() {
+    reject(
+        &["run", "--memory", "abc"],
+        USAGE,
+        &["memory", "'abc' is not a size"],
+    );
+}
+
+#[test]
+fn memory_empty_negative_overflow_unaligned() {
+    reject(&["run", "--memory", ""], USAGE, &["memory"]);
+    reject(&["run", "--memory", "-64M"], USAGE, &["memory", "negative"]);
+    reject(
+        &["run", "--memory", "99999999999T"],
+        USAGE,
+        &["memory", "too large"],
+    );
+    reject(&["run", "--memory", "4097"], USAGE, &["memory", "4 KiB"]);
+}
+
+#[test]
+fn cpus_zero() {
+    reject(
+        &["run", "--cpus", "0"],
+        USAGE,
+        &["cpus", "between 1 and 255"],
+    );
+}
+
+#[test]
+fn cpus_above_limit() {
+    reject(&["run", "--cpus", "1000"], USAGE, &["cpus"]);
+}
+
+#[test]
+fn unknown_flag() {
+    reject(&["run", "--kernal", "x"], USAGE, &["--kernal", "--kernel"]);
+}
+
+#[test]
+fn unknown_subcommand() {
+    reject(&["boot"], USAGE, &["boot"]);
+}
+
+#[test]
+fn help_is_not_an_error() {
+    let (status, stdout, stderr) = run_to_exit(&["run", "--help"], TIMEOUT);
+    assert!(status.success(), "{stderr}");
+    assert!(stdout.contains("--memory <SIZE>"), "{stdout}");
+}
+
+// ---- config file ----
+
+#[test]
+fn config_unknown_key() {
+    let dir = TempDir::new("cfg-unknown");
+    let cfg = dir.write("vm.toml", "[vm]\ncpus = 1\nmemroy = \"512M\"\n");
+    reject(
+        &["run", "--config", path_str(&cfg)],
+        FAILURE,
+        &["memroy", path_str(&cfg), "line 3"],
+    );
+}
+
+#[test]
+fn config_unknown_section() {
+    let dir = TempDir::new("cfg-section");
+    let cfg = dir.write("vm.toml", "[machine]\ncpus = 1\n");
+    reject(&["run", "--config", path_str(&cfg)], FAILURE, &["machine"]);
+}
+
+#[test]
+fn config_wrong_type() {
+    let dir = TempDir::new("cfg-type");
+    let cfg = dir.write("vm.toml", "[vm]\ncpus = \"two\"\n");
+    reject(
+        &["run", "--config", path_str(&cfg)],
+        FAILURE,
+        &["invalid type"],
+    );
+}
+
+#[test]
+fn config_bad_values() {
+    let dir = TempDir::new("cfg-values");
+    let cfg = dir.write("zero-cpus.toml", "[vm]\ncpus = 0\n");
+    reject(&["run", "--config", path_str(&cfg)], FAILURE, &["cpus"]);
+    let cfg = dir.write("zero-mem.toml", "[vm]\nmemory = 0\n");
+    reject(&["run", "--config", path_str(&cfg)], FAILURE, &["memory"]);
+    let cfg = dir.write("bad-mem.toml", "[vm]\nmemory = \"lots\"\n");
+    reject(
+        &["run", "--config", path_str(&cfg)],
+        FAILURE,
+        &["memory", "lots"],
+    );
+}
+
+#[test]
+fn config_not_toml() {
+    let dir = TempDir::new("cfg-syntax");
+    let cfg = dir.write("vm.toml", "[vm\ncpus = 1\n");
+    reject(
+        &["run", "--config", path_str(&cfg)],
+        FAILURE,
+        &[path_str(&cfg), "line 1"],
+    );
+}
+
+#[test]
+fn config_missing() {
+    let dir = TempDir::new("cfg-missing");
+    let cfg = dir.path().join("nope.toml");
+    reject(
+        &["run", "--config", path_str(&cfg)],
+        FAILURE,
+        &["cannot read config file", path_str(&cfg), "no such file"],
+    );
+}
+
+// ---- rejected by the VMM ----
+
+#[test]
+fn kernel_missing() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("kernel-missing");
+    let kernel = dir.path().join("no-such-bzImage");
+    reject(
+        &["run", "--kernel", path_str(&kernel)],
+        FAILURE,
+        &["kernel", path_str(&kernel)],
+    );
+}
+
+#[test]
+fn kernel_missing_via_config_names_resolved_path() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("kernel-missing-cfg");
+    let cfg = dir.write("vm.toml", "[vm]\nkernel = \"images/bzImage\"\n");
+    let resolved = dir.path().join("images/bzImage");
+    reject(
+        &["run", "--config", path_str(&cfg)],
+        FAILURE,
+        &["kernel", path_str(&resolved)],
+    );
+}
+
+#[test]
+fn kernel_unreadable() {
+    if !kvm_available() {
+        return;
+    }
+    // Root can read any file regardless of its mode, but not read() a
+    // directory.
+    let dir = TempDir::new("kernel-dir");
+    reject(
+        &["run", "--kernel", path_str(dir.path())],
+        FAILURE,
+        &["kernel", path_str(dir.path())],
+    );
+}
+
+#[test]
+fn kernel_neither_bzimage_nor_elf() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("kernel-format");
+    let text = "this is not a kernel image\n".repeat(1000);
+    let kernel = dir.write("kernel.txt", text);
+    reject(
+        &["run", "--kernel", path_str(&kernel)],
+        FAILURE,
+        &["bzImage"],
+    );
+}
+
+#[test]
+fn initrd_larger_than_memory() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("initrd-big");
+    let initrd = dir.path().join("initrd.img");
+    let file = std::fs::File::create(&initrd).expect("create initrd");
+    file.set_len(128 << 20).expect("size sparse initrd");
+    drop(file);
+    reject(
+        &["run", "--memory", "64M", "--initrd", path_str(&initrd)],
+        FAILURE,
+        &["initrd"],
+    );
+}
+
+#[test]
+fn memory_more_than_the_host_has() {
+    if !kvm_available() {
+        return;
+    }
+    reject(&["run", "--memory", "100T"], FAILURE, &["memory"]);
+}
+
+#[test]
+fn dev_kvm_missing() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root to make a private /dev");
+        return;
+    }
+    let mut cmd = Command::new("unshare");
+    cmd.args([
+        "--mount",
+        "sh",
+        "-c",
+        "mount -t tmpfs none /dev && exec \"$0\" \"$@\"",
+    ])
+    .arg(twinvm_bin())
+    .arg("run")
+    .env_remove("TWINVM_LOG");
+    assert_rejected(run_command_to_exit(cmd, TIMEOUT), FAILURE, &["/dev/kvm"]);
+}
+
+#[test]
+fn dev_kvm_not_permitted() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root to switch to an unprivileged user");
+        return;
+    }
+    match std::fs::metadata("/dev/kvm") {
+        Ok(m) if m.permissions().mode() & 0o006 == 0o006 => {
+            eprintln!("SKIPPED: /dev/kvm is open to every user on this host");
+            return;
+        }
+        _ => {}
+    }
+    // The build tree may not be reachable for "nobody": run a copy.
+    let dir = TempDir::new("kvm-eacces");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod temp dir");
+    let bin = dir.path().join("twinvm");
+    // Copy with cp(1), not std::fs::copy: a writable fd for the copy held by
+    // this (multi-threaded) test process would leak into children forked
+    // meanwhile by other tests, and exec would fail with ETXTBSY.
+    let copied = Command::new("cp")
+        .arg(twinvm_bin())
+        .arg(&bin)
+        .status()
+        .expect("run cp");
+    assert!(copied.success(), "cp twinvm: {copied}");
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).expect("chmod twinvm");
+
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&bin)
+        .arg("run")
+        .env_remove("TWINVM_LOG");
+    assert_rejected(
+        run_command_to_exit(cmd, TIMEOUT),
+        FAILURE,
+        &["/dev/kvm", "permission"],
+    );
+}

@@ -1,0 +1,433 @@
+//! Shared helpers for integration tests that run the `twinvm` binary.
+//!
+//! Every wait here is bounded by a timeout, and nothing synchronises by
+//! sleeping: output is read by background threads and delivered over
+//! channels, and process exit is observed through a pidfd.
+//!
+//! ```ignore
+//! mod common;
+//! use common::*;
+//!
+//! #[test]
+//! fn boots() {
+//!     if !kvm_available() {
+//!         return;
+//!     }
+//!     let mut vm = Twinvm::spawn(&["run"]);
+//!     vm.wait_for_line(|l| l.contains("TWINVM TESTGUEST READY"), secs(30))
+//!         .unwrap_or_else(|e| panic!("{e}"));
+//!     vm.send_line("poweroff");
+//!     let status = vm.wait_exit(secs(30)).unwrap_or_else(|e| panic!("{e}"));
+//!     assert!(status.success(), "{}", vm.transcript());
+//! }
+//! ```
+
+#![allow(dead_code)]
+
+use std::ffi::OsStr;
+use std::fs::OpenOptions;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Environment variable that turns "no usable /dev/kvm" from a test failure
+/// into a skip.
+pub const SKIP_KVM_ENV: &str = "TWINVM_TESTS_SKIP_KVM";
+
+/// The `twinvm` binary under test.
+pub fn twinvm_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_twinvm"))
+}
+
+/// Shorthand for `Duration::from_secs`.
+pub fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+/// True if /dev/kvm can be opened read-write. Otherwise panics with the
+/// reason, unless `TWINVM_TESTS_SKIP_KVM=1` is set: then it notes the skip
+/// on stderr and returns false, and the test should return early.
+pub fn kvm_available() -> bool {
+    match OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        Ok(_) => true,
+        Err(e) => {
+            if std::env::var_os(SKIP_KVM_ENV).as_deref() == Some(OsStr::new("1")) {
+                eprintln!("SKIPPED: /dev/kvm is not usable: {e} ({SKIP_KVM_ENV}=1)");
+                false
+            } else {
+                panic!("/dev/kvm is not usable: {e}; set {SKIP_KVM_ENV}=1 to skip KVM tests");
+            }
+        }
+    }
+}
+
+/// A running `twinvm` process with piped stdin, stdout and stderr.
+///
+/// stdout (the guest's serial console) is split into lines by a background
+/// thread; every line is recorded for [`Twinvm::transcript`] and delivered to
+/// [`Twinvm::wait_for_line`]. stderr is collected by another thread.
+pub struct Twinvm {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+    stdout_log: Arc<Mutex<String>>,
+    stdout_open: bool,
+    stderr_log: Arc<Mutex<String>>,
+    stderr_done: Receiver<()>,
+    status: Option<ExitStatus>,
+    what: String,
+}
+
+impl Twinvm {
+    /// Starts `twinvm <args>`. Panics if the binary cannot be started.
+    pub fn spawn(args: &[&str]) -> Twinvm {
+        let mut cmd = Command::new(twinvm_bin());
+        cmd.args(args);
+        Self::spawn_command(cmd)
+    }
+
+    /// Starts an arbitrary command (e.g. `twinvm` behind a wrapper such as
+    /// `unshare` or `setpriv`, or with extra environment) with the same
+    /// plumbing as [`Twinvm::spawn`]. stdin, stdout and stderr are replaced
+    /// by pipes.
+    pub fn spawn_command(mut cmd: Command) -> Twinvm {
+        let what = format!("{cmd:?}");
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let stderr = child.stderr.take().expect("stderr is piped");
+
+        let (tx, lines) = mpsc::channel();
+        let stdout_log = Arc::new(Mutex::new(String::new()));
+        let log = Arc::clone(&stdout_log);
+        thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                match reader.read_until(b'\n', &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        let text = String::from_utf8_lossy(&buf);
+                        lock(&log).push_str(&text);
+                        let line = text.trim_end_matches(['\n', '\r']).to_string();
+                        // The receiver may be gone (Twinvm dropped); keep
+                        // draining so the child never blocks on a full pipe.
+                        let _ = tx.send(line);
+                    }
+                }
+            }
+        });
+
+        let (done_tx, stderr_done) = mpsc::channel();
+        let stderr_log = Arc::new(Mutex::new(String::new()));
+        let log = Arc::clone(&stderr_log);
+        thread::spawn(move || {
+            let mut stderr = stderr;
+            let mut chunk = [0u8; 4096];
+            loop {
+                match stderr.read(&mut chunk) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => lock(&log).push_str(&String::from_utf8_lossy(&chunk[..n])),
+                }
+            }
+            let _ = done_tx.send(());
+        });
+
+        Twinvm {
+            child,
+            stdin,
+            lines,
+            stdout_log,
+            stdout_open: true,
+            stderr_log,
+            stderr_done,
+            status: None,
+            what,
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits until a stdout line satisfies `pred` and returns it. Lines
+    /// read before it are consumed. On timeout, or if stdout closes first,
+    /// the error holds everything the process has written so far.
+    pub fn wait_for_line(
+        &mut self,
+        pred: impl Fn(&str) -> bool,
+        timeout: Duration,
+    ) -> Result<String, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    if pred(&line) {
+                        return Ok(line);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(format!(
+                        "timed out after {timeout:?} waiting for a matching line\n{}",
+                        self.transcript()
+                    ));
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.stdout_open = false;
+                    return Err(format!(
+                        "stdout closed before a matching line appeared\n{}",
+                        self.transcript()
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Writes `line` and a newline to the process's stdin (the guest's
+    /// serial input). Panics, with the transcript, if that fails.
+    pub fn send_line(&mut self, line: &str) {
+        let result = match self.stdin.as_mut() {
+            Some(stdin) => stdin
+                .write_all(format!("{line}\n").as_bytes())
+                .and_then(|()| stdin.flush()),
+            None => Err(std::io::Error::other("stdin was closed")),
+        };
+        if let Err(e) = result {
+            panic!("cannot send {line:?} to twinvm: {e}\n{}", self.transcript());
+        }
+    }
+
+    /// Closes the process's stdin (end of file on the serial input).
+    pub fn close_stdin(&mut self) {
+        self.stdin = None;
+    }
+
+    /// Waits for the process to exit. On timeout it is killed and the error
+    /// holds the transcript.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus, String> {
+        if let Some(status) = self.status {
+            return Ok(status);
+        }
+        match wait_with_timeout(&mut self.child, timeout) {
+            Ok(Some(status)) => {
+                self.status = Some(status);
+                Ok(status)
+            }
+            Ok(None) => {
+                let killed = self.kill();
+                Err(format!(
+                    "twinvm did not exit within {timeout:?}; killed it ({})\n{}",
+                    match killed {
+                        Some(s) => s.to_string(),
+                        None => "kill failed".to_string(),
+                    },
+                    self.transcript()
+                ))
+            }
+            Err(e) => Err(format!(
+                "waiting for twinvm failed: {e}\n{}",
+                self.transcript()
+            )),
+        }
+    }
+
+    /// Kills the process (if still running) and reaps it.
+    pub fn kill(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            let _ = self.child.kill();
+            self.status = self.child.wait().ok();
+        }
+        self.status
+    }
+
+    /// Everything written to stderr. Once the process has exited this waits
+    /// (up to 10 s) for the reader to reach end of file, so nothing is lost.
+    pub fn stderr(&mut self) -> String {
+        if self.status.is_some() {
+            let _ = self.stderr_done.recv_timeout(secs(10));
+        }
+        lock(&self.stderr_log).clone()
+    }
+
+    /// Everything written to stdout so far, exactly as written (invalid
+    /// UTF-8 replaced). Once the process has exited this waits (up to 10 s)
+    /// for the reader to reach end of file; lines not yet taken by
+    /// [`Twinvm::wait_for_line`] are then consumed.
+    pub fn stdout(&mut self) -> String {
+        if self.status.is_some() && self.stdout_open {
+            let deadline = Instant::now() + secs(10);
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match self.lines.recv_timeout(left) {
+                    Ok(_) => continue,
+                    Err(_) => break,
+                }
+            }
+            self.stdout_open = false;
+        }
+        lock(&self.stdout_log).clone()
+    }
+
+    /// A dump of the command, its status, and everything it wrote so far,
+    /// for failure messages.
+    pub fn transcript(&self) -> String {
+        let terminated = |mut text: String| {
+            if !text.is_empty() && !text.ends_with('\n') {
+                text.push('\n');
+            }
+            text
+        };
+        let stdout = terminated(lock(&self.stdout_log).clone());
+        let stderr = terminated(lock(&self.stderr_log).clone());
+        let status = match self.status {
+            Some(s) => s.to_string(),
+            None => "running".to_string(),
+        };
+        format!(
+            "--- command: {}\n--- status: {status}\n--- stdout:\n{stdout}--- stderr:\n{stderr}--- end",
+            self.what
+        )
+    }
+}
+
+impl Drop for Twinvm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs `twinvm <args>` with empty stdin until it exits (killing it after
+/// `timeout`, which fails the test) and returns its status, stdout and
+/// stderr. Meant for bad-input tests. `TWINVM_LOG` is cleared so that only
+/// warnings and errors reach stderr.
+pub fn run_to_exit(args: &[&str], timeout: Duration) -> (ExitStatus, String, String) {
+    let mut cmd = Command::new(twinvm_bin());
+    cmd.args(args).env_remove("TWINVM_LOG");
+    run_command_to_exit(cmd, timeout)
+}
+
+/// [`run_to_exit`] for an arbitrary command.
+pub fn run_command_to_exit(cmd: Command, timeout: Duration) -> (ExitStatus, String, String) {
+    let mut vm = Twinvm::spawn_command(cmd);
+    vm.close_stdin();
+    let status = vm.wait_exit(timeout).unwrap_or_else(|e| panic!("{e}"));
+    let stdout = vm.stdout();
+    let stderr = vm.stderr();
+    (status, stdout, stderr)
+}
+
+/// A temporary directory, removed with its contents when dropped.
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    /// Creates a fresh directory under the system temp dir.
+    pub fn new(tag: &str) -> TempDir {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let path = std::env::temp_dir().join(format!(
+            "twinvm-test-{tag}-{}-{}-{nanos}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir(&path)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
+        TempDir { path }
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes `contents` to `name` inside the directory and returns its path.
+    pub fn write(&self, name: &str, contents: impl AsRef<[u8]>) -> PathBuf {
+        let p = self.path.join(name);
+        std::fs::write(&p, contents)
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", p.display()));
+        p
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A reader thread cannot panic while holding the lock, but do not turn
+    // a poisoned lock into a second panic either.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Waits up to `timeout` for `child` to exit: Ok(None) on timeout. Uses a
+/// pidfd, which becomes readable when the process exits; without pidfd
+/// support it falls back to polling `try_wait`.
+fn wait_with_timeout(child: &mut Child, timeout: Duration) -> std::io::Result<Option<ExitStatus>> {
+    if let Some(status) = child.try_wait()? {
+        return Ok(Some(status));
+    }
+    let deadline = Instant::now() + timeout;
+    let pid = libc::pid_t::try_from(child.id()).map_err(std::io::Error::other)?;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1;
+    // it touches no memory of ours.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd >= 0 {
+        let fd = i32::try_from(fd).map_err(std::io::Error::other)?;
+        // SAFETY: pidfd_open just returned this fd and nothing else owns it.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(fd) };
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let ms = libc::c_int::try_from(left.as_millis().saturating_add(1))
+                .unwrap_or(libc::c_int::MAX);
+            let mut pfd = libc::pollfd {
+                fd: pidfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: pfd is a valid pollfd array of length 1 for the call.
+            let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if let Some(status) = child.try_wait()? {
+                return Ok(Some(status));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+        }
+    }
+    // No pidfd (old kernel): poll the child at a short interval.
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
