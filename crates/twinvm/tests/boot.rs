@@ -45,13 +45,11 @@ fn config_file_sets_the_vm_and_guest_reboot_exits_zero() {
     if !common::kvm_available() {
         return;
     }
-    let dir = tempdir();
-    let cfg = dir.join("vm.toml");
-    std::fs::write(
-        &cfg,
+    let dir = common::TempDir::new("config");
+    let cfg = dir.write(
+        "vm.toml",
         "[vm]\nmemory = \"64M\"\ncpus = 2\ncmdline = \"dirty_rate=100\"\n",
-    )
-    .unwrap();
+    );
     let mut vm = Twinvm::spawn(&["run", "--config", cfg.to_str().unwrap()]);
     vm.wait_for_line(|l| l == BANNER, T).unwrap();
     vm.wait_for_line(|l| l.contains("dirty_rate=100"), T)
@@ -117,14 +115,12 @@ fn an_instruction_kvm_cannot_run_stops_the_vm_naming_its_address() {
     if !common::kvm_available() {
         return;
     }
-    let dir = tempdir();
-    let kernel = dir.join("int3.elf");
+    let dir = common::TempDir::new("int3");
     // mov dx, 0x3f8; mov al, 'X'; out dx, al; int3
-    std::fs::write(
-        &kernel,
+    let kernel = dir.write(
+        "int3.elf",
         tiny_elf(&[0x66, 0xba, 0xf8, 0x03, 0xb0, b'X', 0xee, 0xcc]),
-    )
-    .unwrap();
+    );
     let (status, stdout, stderr) =
         common::run_to_exit(&["run", "--kernel", kernel.to_str().unwrap()], T);
     assert_eq!(stdout, "X");
@@ -137,14 +133,4 @@ fn an_instruction_kvm_cannot_run_stops_the_vm_naming_its_address() {
         "stderr does not name the instruction address: {stderr}"
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
-}
-
-fn tempdir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "twinvm-test-{}-{:?}",
-        std::process::id(),
-        std::thread::current().id()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
