@@ -256,6 +256,8 @@ pub fn merge(
         kernel,
         initrd: args.initrd.clone().or(file.initrd),
         cmdline: args.cmdline.clone().or(file.cmdline).unwrap_or_default(),
+        net: Vec::new(),
+        disks: Vec::new(),
     })
 }
 

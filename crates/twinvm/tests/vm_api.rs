@@ -45,6 +45,8 @@ fn boot(cmdline: &str) -> (Vm, Receiver<String>) {
         kernel: KernelSource::Bytes(ELF),
         initrd: None,
         cmdline: cmdline.into(),
+        net: Vec::new(),
+        disks: Vec::new(),
     };
     let console = Console {
         output: Box::new(LineSink {

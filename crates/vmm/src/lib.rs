@@ -34,6 +34,32 @@ pub struct VmConfig {
     pub initrd: Option<PathBuf>,
     /// Extra kernel command line, appended to twinvm's defaults.
     pub cmdline: String,
+    /// Network devices, in the order the guest sees them.
+    pub net: Vec<NetConfig>,
+    /// Block devices, in the order the guest sees them.
+    pub disks: Vec<DiskConfig>,
+}
+
+/// A virtio-net device backed by a host tap device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// Name of an existing tap device on the host.
+    pub tap: String,
+    /// The guest's MAC address; twinvm picks a locally administered one if
+    /// absent.
+    pub mac: Option<[u8; 6]>,
+}
+
+/// A virtio-blk device backed by a raw image file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// The image file.
+    pub path: PathBuf,
+    /// Refuse guest writes.
+    pub readonly: bool,
+    /// The ID the guest reads (VIRTIO_BLK_T_GET_ID, up to 20 bytes); twinvm
+    /// derives one from the device index if absent.
+    pub serial: Option<String>,
 }
 
 /// Why a VM ended without error.
