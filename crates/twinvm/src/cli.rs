@@ -1,10 +1,12 @@
 //! The command line: `twinvm run [OPTIONS]`.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
+use clap::builder::{OsStringValueParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand};
 
-use crate::{config, size};
+use crate::{config, devices, size};
 
 /// twinvm: a KVM virtual machine monitor.
 #[derive(Debug, Parser)]
@@ -13,6 +15,16 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// The checks of [`RunArgs::validate`] for whichever subcommand was
+    /// given; a failure is a usage error.
+    pub fn validate(&self) -> Result<(), devices::Error> {
+        match &self.command {
+            Command::Run(args) => args.validate(),
+        }
+    }
 }
 
 /// The subcommands.
@@ -52,9 +64,46 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", value_parser = parse_cpus_arg, allow_hyphen_values = true)]
     pub cpus: Option<u8>,
 
+    /// Network device (virtio-net) backed by the existing host tap device
+    /// NAME, optionally with the guest MAC address MAC (unicast, e.g.
+    /// 52:54:00:12:34:56). May be repeated; any --net flag replaces the
+    /// config file's [[net]] list.
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]", value_parser = parse_net_arg)]
+    pub net: Vec<vmm::NetConfig>,
+
+    /// Disk (virtio-blk) backed by the raw image file PATH; `readonly` makes
+    /// it read-only, `serial=ID` sets the ID the guest sees (up to 20
+    /// printable ASCII characters). PATH cannot contain ',' here (use the
+    /// config file). May be repeated; any --disk flag replaces the config
+    /// file's [[disk]] list.
+    #[arg(
+        long,
+        value_name = "PATH[,readonly][,serial=ID]",
+        value_parser = OsStringValueParser::new().try_map(parse_disk_arg)
+    )]
+    pub disk: Vec<vmm::DiskConfig>,
+
     /// TOML config file; relative paths in it are relative to its directory.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+}
+
+impl RunArgs {
+    /// Checks what clap cannot check value by value: that no two `--net`
+    /// flags name the same tap device and no two `--disk` flags the same
+    /// image file (the latter looks at the file system).
+    pub fn validate(&self) -> Result<(), devices::Error> {
+        devices::check_unique_taps(&self.net)?;
+        devices::check_unique_disks(&self.disk)
+    }
+}
+
+fn parse_net_arg(s: &str) -> Result<vmm::NetConfig, devices::Error> {
+    devices::parse_net(s)
+}
+
+fn parse_disk_arg(s: OsString) -> Result<vmm::DiskConfig, devices::Error> {
+    devices::parse_disk(&s)
 }
 
 fn parse_memory_arg(s: &str) -> Result<u64, size::Error> {
@@ -132,6 +181,14 @@ mod tests {
             "1G",
             "--cpus",
             "4",
+            "--net",
+            "tap=tap0,mac=52:54:00:12:34:56",
+            "--net",
+            "tap=tap1",
+            "--disk",
+            "root.img,readonly,serial=root",
+            "--disk",
+            "/data.img",
             "--config",
             "vm.toml",
         ])
@@ -142,6 +199,91 @@ mod tests {
         assert_eq!(a.memory, Some(1 << 30));
         assert_eq!(a.cpus, Some(4));
         assert_eq!(a.config, Some(PathBuf::from("vm.toml")));
+        assert_eq!(
+            a.net,
+            [
+                vmm::NetConfig {
+                    tap: "tap0".into(),
+                    mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
+                },
+                vmm::NetConfig {
+                    tap: "tap1".into(),
+                    mac: None,
+                },
+            ]
+        );
+        assert_eq!(
+            a.disk,
+            [
+                vmm::DiskConfig {
+                    path: "root.img".into(),
+                    readonly: true,
+                    serial: Some("root".into()),
+                },
+                vmm::DiskConfig {
+                    path: "/data.img".into(),
+                    readonly: false,
+                    serial: None,
+                },
+            ]
+        );
+        assert_eq!(a.validate(), Ok(()));
+    }
+
+    #[test]
+    fn bad_net_and_disk_values_are_usage_errors() {
+        for (args, want) in [
+            (
+                ["--net", "tap=t0,mac=zz:00:00:00:00:00"],
+                "invalid MAC address",
+            ),
+            (["--net", "tap=t0,mac=01:00:00:00:00:00"], "multicast"),
+            (["--net", "mac=52:54:00:12:34:56"], "`tap=NAME` is required"),
+            (
+                ["--net", "tap=t0,speed=10"],
+                "unknown network device option 'speed'",
+            ),
+            (["--net", "tap=t0,tap=t1"], "'tap' is given more than once"),
+            (
+                ["--disk", "a.img,serial=123456789012345678901"],
+                "invalid disk serial",
+            ),
+            (["--disk", "a.img,ro"], "unknown disk option 'ro'"),
+            (["--disk", ",readonly"], "disk image path is empty"),
+        ] {
+            let err = parse(&["run", args[0], args[1]]).expect_err(args[1]);
+            assert_eq!(err.exit_code(), 2);
+            let msg = one_line_message(&err);
+            assert!(msg.contains(args[0]), "{msg}");
+            assert!(msg.contains(want), "{msg}");
+            assert!(!msg.contains('\n'), "{msg}");
+        }
+    }
+
+    #[test]
+    fn the_same_tap_or_disk_twice_fails_validation() {
+        let a = parse(&["run", "--net", "tap=a", "--net", "tap=b", "--net", "tap=a"])
+            .expect("each value is valid");
+        assert!(matches!(
+            a.validate(),
+            Err(devices::Error::DuplicateTap {
+                first: 1,
+                second: 3,
+                ..
+            })
+        ));
+        let a = parse(&[
+            "run",
+            "--disk",
+            "/nonexistent/x.img",
+            "--disk",
+            "/nonexistent/x.img,readonly",
+        ])
+        .expect("each value is valid");
+        assert!(matches!(
+            a.validate(),
+            Err(devices::Error::DuplicateDisk { .. })
+        ));
     }
 
     #[test]

@@ -8,12 +8,22 @@
 //! kernel = "path/to/bzImage"
 //! initrd = "path/to/initramfs.cpio.gz"
 //! cmdline = "extra args"
+//!
+//! [[net]]                      # one table per network device
+//! tap = "tap0"
+//! mac = "52:54:00:12:34:56"    # optional
+//!
+//! [[disk]]                     # one table per disk
+//! path = "disk.img"
+//! readonly = false             # optional
+//! serial = "data0"             # optional
 //! ```
 //!
 //! Every table rejects unknown keys, so a typo is an error that names the
-//! key. Every key is optional. Relative paths are resolved against the
-//! directory of the config file. Later sections (`[[net]]`, `[[disk]]`,
-//! `[replication]`, `[api]`) become further fields of [`ConfigFile`].
+//! key. Every key is optional except `net.tap` and `disk.path`. Relative
+//! paths are resolved against the directory of the config file. Later
+//! sections (`[replication]`, `[api]`) become further fields of
+//! [`ConfigFile`].
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -22,7 +32,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
 
 use crate::cli::RunArgs;
-use crate::size;
+use crate::{devices, size};
 
 /// Guest memory when neither the command line nor the file sets it.
 pub const DEFAULT_MEMORY: u64 = 256 << 20;
@@ -54,12 +64,25 @@ pub enum Error {
         message: String,
     },
     /// A path key set to "".
-    #[error("config file '{}': `vm.{key}` must not be empty", .path.display())]
+    #[error("config file '{}': {location}`{key}` must not be empty", .path.display())]
     EmptyPath {
         /// The file.
         path: PathBuf,
-        /// The key.
+        /// "line L, column C: ", or empty when unknown.
+        location: String,
+        /// The key, with its table ("vm.kernel").
         key: &'static str,
+    },
+    /// The `[[net]]` or `[[disk]]` tables as a whole are inconsistent (the
+    /// same tap device or image file twice).
+    #[error("config file '{}': {location}{source}", .path.display())]
+    Devices {
+        /// The file.
+        path: PathBuf,
+        /// "line L, column C: " of the offending entry, or empty.
+        location: String,
+        /// What is wrong.
+        source: devices::Error,
     },
     /// No kernel given, and the binary carries no test guest.
     #[error(
@@ -85,6 +108,56 @@ pub struct ConfigFile {
     /// `[vm]`: the machine itself.
     #[serde(default)]
     pub vm: VmSection,
+    /// `[[net]]`: network devices, in order.
+    #[serde(default, deserialize_with = "net_tables")]
+    pub net: Vec<NetSection>,
+    /// `[[disk]]`: disks, in order.
+    #[serde(default, rename = "disk", deserialize_with = "disk_tables")]
+    pub disks: Vec<DiskSection>,
+}
+
+fn net_tables<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<NetSection>, D::Error> {
+    table_array(d, "net")
+}
+
+fn disk_tables<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<DiskSection>, D::Error> {
+    table_array(d, "disk")
+}
+
+/// Deserializes an array of tables, `[[name]]`, and explains the mistake
+/// of writing a single table, `[name]`, instead.
+fn table_array<'de, D, T>(d: D, name: &'static str) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct V<T> {
+        name: &'static str,
+        item: std::marker::PhantomData<T>,
+    }
+    impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            write!(f, "one `[[{}]]` table per device", self.name)
+        }
+        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let mut items = Vec::new();
+            while let Some(item) = seq.next_element()? {
+                items.push(item);
+            }
+            Ok(items)
+        }
+        fn visit_map<A: de::MapAccess<'de>>(self, _: A) -> Result<Vec<T>, A::Error> {
+            Err(de::Error::custom(format!(
+                "`{0}` must be an array of tables: write `[[{0}]]` (one per device), not `[{0}]`",
+                self.name
+            )))
+        }
+    }
+    d.deserialize_any(V {
+        name,
+        item: std::marker::PhantomData,
+    })
 }
 
 /// The `[vm]` table. Paths are resolved once the file is loaded.
@@ -101,6 +174,87 @@ pub struct VmSection {
     pub initrd: Option<PathBuf>,
     /// Extra kernel command line.
     pub cmdline: Option<String>,
+}
+
+/// One `[[net]]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetSection {
+    /// The host tap device.
+    pub tap: toml::Spanned<TapName>,
+    /// The guest's MAC address.
+    pub mac: Option<MacAddress>,
+}
+
+/// One `[[disk]]` table. The path is resolved once the file is loaded.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSection {
+    /// The raw image file.
+    pub path: toml::Spanned<PathBuf>,
+    /// Refuse guest writes.
+    #[serde(default)]
+    pub readonly: bool,
+    /// The ID the guest reads.
+    pub serial: Option<DiskSerial>,
+}
+
+impl From<NetSection> for vmm::NetConfig {
+    fn from(n: NetSection) -> Self {
+        vmm::NetConfig {
+            tap: n.tap.into_inner().0,
+            mac: n.mac.map(|m| m.0),
+        }
+    }
+}
+
+impl From<DiskSection> for vmm::DiskConfig {
+    fn from(d: DiskSection) -> Self {
+        vmm::DiskConfig {
+            path: d.path.into_inner(),
+            readonly: d.readonly,
+            serial: d.serial.map(|s| s.0),
+        }
+    }
+}
+
+/// A valid Linux network interface name
+/// ([`devices::validate_tap_name`]).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct TapName(pub String);
+
+impl TryFrom<String> for TapName {
+    type Error = devices::Error;
+    fn try_from(s: String) -> Result<Self, devices::Error> {
+        devices::validate_tap_name(&s).map(|()| TapName(s))
+    }
+}
+
+/// A unicast, non-zero MAC address written as "52:54:00:12:34:56"
+/// ([`devices::parse_mac`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct MacAddress(pub [u8; 6]);
+
+impl TryFrom<String> for MacAddress {
+    type Error = devices::Error;
+    fn try_from(s: String) -> Result<Self, devices::Error> {
+        devices::parse_mac(&s).map(MacAddress)
+    }
+}
+
+/// A disk serial of 1 to 20 printable ASCII characters
+/// ([`devices::validate_serial`]).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct DiskSerial(pub String);
+
+impl TryFrom<String> for DiskSerial {
+    type Error = devices::Error;
+    fn try_from(s: String) -> Result<Self, devices::Error> {
+        devices::validate_serial(&s).map(|()| DiskSerial(s))
+    }
 }
 
 /// A validated guest memory size: a size string such as "512M", or an
@@ -184,28 +338,91 @@ impl ConfigFile {
             path: path.to_path_buf(),
             location: e
                 .span()
-                .map(|span| {
-                    let (line, column) = line_column(text, span.start);
-                    format!("line {line}, column {column}: ")
-                })
+                .map(|span| location(text, span.start))
                 .unwrap_or_default(),
             message: one_line(e.message()),
         })?;
         let base = path.parent().unwrap_or(Path::new(""));
+        let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
         let vm = &mut file.vm;
-        for (key, slot) in [("kernel", &mut vm.kernel), ("initrd", &mut vm.initrd)] {
+        for (key, slot) in [("vm.kernel", &mut vm.kernel), ("vm.initrd", &mut vm.initrd)] {
             if let Some(p) = slot.take() {
                 if p.as_os_str().is_empty() {
                     return Err(Error::EmptyPath {
                         path: path.to_path_buf(),
+                        location: String::new(),
                         key,
                     });
                 }
-                *slot = Some(if p.is_relative() { base.join(p) } else { p });
+                *slot = Some(resolve(p));
             }
         }
+        for disk in &mut file.disks {
+            let span = disk.path.span();
+            let p = std::mem::take(disk.path.get_mut());
+            if p.as_os_str().is_empty() {
+                return Err(Error::EmptyPath {
+                    path: path.to_path_buf(),
+                    location: location(text, span.start),
+                    key: "disk.path",
+                });
+            }
+            *disk.path.get_mut() = resolve(p);
+        }
+        file.check_devices(text, path)?;
         Ok(file)
     }
+
+    /// Refuses two `[[net]]` tables with the same tap device and two
+    /// `[[disk]]` tables with the same image file, pointing at the second.
+    fn check_devices(&self, text: &str, path: &Path) -> Result<(), Error> {
+        let net: Vec<vmm::NetConfig> = self
+            .net
+            .iter()
+            .map(|n| vmm::NetConfig {
+                tap: n.tap.get_ref().0.clone(),
+                mac: n.mac.map(|m| m.0),
+            })
+            .collect();
+        let disks: Vec<vmm::DiskConfig> = self
+            .disks
+            .iter()
+            .map(|d| vmm::DiskConfig {
+                path: d.path.get_ref().clone(),
+                readonly: d.readonly,
+                serial: None,
+            })
+            .collect();
+        let err = |source: devices::Error, offset: Option<usize>| Error::Devices {
+            path: path.to_path_buf(),
+            location: offset.map(|o| location(text, o)).unwrap_or_default(),
+            source,
+        };
+        devices::check_unique_taps(&net).map_err(|e| {
+            let offset = match &e {
+                devices::Error::DuplicateTap { second, .. } => {
+                    self.net.get(second - 1).map(|n| n.tap.span().start)
+                }
+                _ => None,
+            };
+            err(e, offset)
+        })?;
+        devices::check_unique_disks(&disks).map_err(|e| {
+            let offset = match &e {
+                devices::Error::DuplicateDisk { index, .. } => {
+                    self.disks.get(index - 1).map(|d| d.path.span().start)
+                }
+                _ => None,
+            };
+            err(e, offset)
+        })
+    }
+}
+
+/// "line L, column C: " for byte `offset` in `text`.
+fn location(text: &str, offset: usize) -> String {
+    let (line, column) = line_column(text, offset);
+    format!("line {line}, column {column}: ")
 }
 
 /// 1-based line and column (in characters) of byte `offset` in `text`.
@@ -233,15 +450,23 @@ pub fn vm_config(args: &RunArgs, bundled_guest: &'static [u8]) -> Result<vmm::Vm
         Some(path) => ConfigFile::load(path)?,
         None => ConfigFile::default(),
     };
-    merge(file.vm, args, bundled_guest)
+    merge(file, args, bundled_guest)
 }
 
-/// Merges an already loaded `[vm]` table with the command line.
+/// Merges an already loaded config file with the command line. Single
+/// settings are overridden one by one; the device lists as a whole: any
+/// `--net` flag replaces all `[[net]]` tables, any `--disk` flag all
+/// `[[disk]]` tables.
 pub fn merge(
-    file: VmSection,
+    file: ConfigFile,
     args: &RunArgs,
     bundled_guest: &'static [u8],
 ) -> Result<vmm::VmConfig, Error> {
+    let ConfigFile {
+        vm: file,
+        net: file_net,
+        disks: file_disks,
+    } = file;
     let kernel = match args.kernel.clone().or(file.kernel) {
         Some(path) => vmm::KernelSource::File(path),
         None if bundled_guest.is_empty() => return Err(Error::NoBundledGuest),
@@ -256,8 +481,16 @@ pub fn merge(
         kernel,
         initrd: args.initrd.clone().or(file.initrd),
         cmdline: args.cmdline.clone().or(file.cmdline).unwrap_or_default(),
-        net: Vec::new(),
-        disks: Vec::new(),
+        net: if args.net.is_empty() {
+            file_net.into_iter().map(Into::into).collect()
+        } else {
+            args.net.clone()
+        },
+        disks: if args.disk.is_empty() {
+            file_disks.into_iter().map(Into::into).collect()
+        } else {
+            args.disk.clone()
+        },
     })
 }
 
@@ -306,12 +539,13 @@ mod tests {
     fn empty_file_and_empty_table_give_defaults() {
         for text in ["", "[vm]\n", "# just a comment\n"] {
             let f = parse(text).expect("valid file");
-            let c = merge(f.vm, &RunArgs::default(), GUEST).expect("defaults");
+            let c = merge(f, &RunArgs::default(), GUEST).expect("defaults");
             assert_eq!(c.memory_bytes, 256 << 20);
             assert_eq!(c.vcpus, 1);
             assert!(matches!(c.kernel, vmm::KernelSource::Bytes(b) if b == GUEST));
             assert!(c.initrd.is_none());
             assert_eq!(c.cmdline, "");
+            assert!(c.net.is_empty() && c.disks.is_empty());
         }
     }
 
@@ -431,14 +665,15 @@ mod tests {
         let file = parse(
             "[vm]\nmemory = \"512M\"\ncpus = 2\nkernel = \"a\"\ninitrd = \"b\"\ncmdline = \"x\"\n",
         )
-        .expect("valid")
-        .vm;
+        .expect("valid");
         let args = RunArgs {
             kernel: Some("/flag/k".into()),
             initrd: Some("/flag/i".into()),
             cmdline: Some("y".into()),
             memory: Some(1 << 30),
             cpus: Some(3),
+            net: Vec::new(),
+            disk: Vec::new(),
             config: None,
         };
         let c = merge(file, &args, GUEST).expect("merge");
@@ -452,8 +687,7 @@ mod tests {
     #[test]
     fn file_fills_in_what_flags_leave_out() {
         let file = parse("[vm]\nmemory = \"512M\"\ncpus = 2\nkernel = \"a\"\ncmdline = \"x\"\n")
-            .expect("valid")
-            .vm;
+            .expect("valid");
         let args = RunArgs {
             cpus: Some(4),
             ..RunArgs::default()
@@ -467,7 +701,7 @@ mod tests {
 
     #[test]
     fn no_kernel_and_no_bundled_guest() {
-        let err = merge(VmSection::default(), &RunArgs::default(), &[]).expect_err("no kernel");
+        let err = merge(ConfigFile::default(), &RunArgs::default(), &[]).expect_err("no kernel");
         assert!(matches!(err, Error::NoBundledGuest));
     }
 
@@ -482,6 +716,196 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "cannot read config file '/nonexistent/twinvm/vm.toml'"
+        );
+    }
+
+    const DEVICES: &str = r#"
+        [[net]]
+        tap = "tap0"
+        mac = "52:54:00:12:34:56"
+
+        [[net]]
+        tap = "tap1"
+
+        [[disk]]
+        path = "root.img"
+        readonly = true
+        serial = "root"
+
+        [[disk]]
+        path = "/data/d.img"
+        "#;
+
+    fn file_net() -> Vec<vmm::NetConfig> {
+        vec![
+            vmm::NetConfig {
+                tap: "tap0".into(),
+                mac: Some([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]),
+            },
+            vmm::NetConfig {
+                tap: "tap1".into(),
+                mac: None,
+            },
+        ]
+    }
+
+    fn file_disks() -> Vec<vmm::DiskConfig> {
+        vec![
+            vmm::DiskConfig {
+                path: "/etc/twinvm/root.img".into(),
+                readonly: true,
+                serial: Some("root".into()),
+            },
+            vmm::DiskConfig {
+                path: "/data/d.img".into(),
+                readonly: false,
+                serial: None,
+            },
+        ]
+    }
+
+    #[test]
+    fn net_and_disk_tables_parse() {
+        let f = parse(DEVICES).expect("valid file");
+        let c = merge(f, &RunArgs::default(), GUEST).expect("merge");
+        assert_eq!(c.net, file_net());
+        assert_eq!(c.disks, file_disks());
+    }
+
+    #[test]
+    fn inline_arrays_of_tables_work_too() {
+        let f = parse("net = [{ tap = \"a\" }, { tap = \"b\" }]\ndisk = [{ path = \"x\" }]\n")
+            .expect("valid file");
+        assert_eq!(f.net.len(), 2);
+        assert_eq!(*f.disks[0].path.get_ref(), PathBuf::from("/etc/twinvm/x"));
+    }
+
+    #[test]
+    fn disk_paths_follow_the_config_file() {
+        let f = ConfigFile::parse(
+            "[[disk]]\npath = \"img/a.img\"\n[[disk]]\npath = \"/abs.img\"\n",
+            Path::new("/srv/vm/vm.toml"),
+        )
+        .expect("valid");
+        let c = merge(f, &RunArgs::default(), GUEST).expect("merge");
+        let paths: Vec<_> = c.disks.iter().map(|d| d.path.clone()).collect();
+        assert_eq!(
+            paths,
+            [
+                PathBuf::from("/srv/vm/img/a.img"),
+                PathBuf::from("/abs.img")
+            ]
+        );
+    }
+
+    #[test]
+    fn device_flags_replace_the_file_lists() {
+        let flag_net = vec![vmm::NetConfig {
+            tap: "flagtap".into(),
+            mac: None,
+        }];
+        let flag_disk = vec![vmm::DiskConfig {
+            path: "flag.img".into(),
+            readonly: false,
+            serial: None,
+        }];
+        // --net only: the file's disks stay.
+        let args = RunArgs {
+            net: flag_net.clone(),
+            ..RunArgs::default()
+        };
+        let c = merge(parse(DEVICES).expect("valid"), &args, GUEST).expect("merge");
+        assert_eq!(c.net, flag_net);
+        assert_eq!(c.disks, file_disks());
+        // --disk only: the file's network devices stay.
+        let args = RunArgs {
+            disk: flag_disk.clone(),
+            ..RunArgs::default()
+        };
+        let c = merge(parse(DEVICES).expect("valid"), &args, GUEST).expect("merge");
+        assert_eq!(c.net, file_net());
+        assert_eq!(c.disks, flag_disk);
+    }
+
+    #[test]
+    fn bad_device_tables_are_rejected() {
+        for (text, want) in [
+            (
+                "[[net]]\nmac = \"52:54:00:12:34:56\"\n",
+                "missing field `tap`",
+            ),
+            (
+                "[[net]]\ntap = \"a/b\"\n",
+                "line 2, column 7: invalid tap device name 'a/b'",
+            ),
+            (
+                "[[net]]\ntap = \"\"\n",
+                "invalid tap device name '': it is empty",
+            ),
+            (
+                "[[net]]\ntap = \"t\"\nmac = \"zz:00:00:00:00:00\"\n",
+                "line 3, column 7: invalid MAC address",
+            ),
+            (
+                "[[net]]\ntap = \"t\"\nmac = \"ff:ff:ff:ff:ff:ff\"\n",
+                "multicast",
+            ),
+            (
+                "[[net]]\ntap = \"t\"\nmodel = \"e1000\"\n",
+                "unknown field `model`",
+            ),
+            ("[[net]]\ntap = 3\n", "invalid type"),
+            (
+                "[net]\ntap = \"t\"\n",
+                "write `[[net]]` (one per device), not `[net]`",
+            ),
+            ("[[disk]]\nreadonly = true\n", "missing field `path`"),
+            (
+                "[[disk]]\npath = \"\"\n",
+                "line 2, column 8: `disk.path` must not be empty",
+            ),
+            (
+                "[[disk]]\npath = \"a\"\nreadonly = \"yes\"\n",
+                "invalid type",
+            ),
+            (
+                "[[disk]]\npath = \"a\"\nserial = \"123456789012345678901\"\n",
+                "invalid disk serial",
+            ),
+            (
+                "[[disk]]\npath = \"a\"\nserial = \"\"\n",
+                "invalid disk serial '': it is empty",
+            ),
+            ("[[disk]]\npath = \"a\"\nro = true\n", "unknown field `ro`"),
+            ("[disk]\npath = \"a\"\n", "write `[[disk]]`"),
+            ("disk = 1\n", "one `[[disk]]` table per device"),
+        ] {
+            let msg = parse_err(text);
+            assert!(msg.contains(want), "{text}: {msg}");
+            assert!(!msg.contains('\n'), "{msg}");
+        }
+    }
+
+    #[test]
+    fn the_same_tap_or_image_twice_is_rejected() {
+        let msg =
+            parse_err("[[net]]\ntap = \"t0\"\n[[net]]\ntap = \"t1\"\n[[net]]\ntap = \"t0\"\n");
+        assert_eq!(
+            msg,
+            "config file '/etc/twinvm/vm.toml': line 6, column 7: tap device 't0' is used by two network devices (entries 1 and 3)"
+        );
+        let msg =
+            parse_err("[[disk]]\npath = \"a.img\"\n[[disk]]\npath = \"/etc/twinvm/./a.img\"\n");
+        assert_eq!(
+            msg,
+            "config file '/etc/twinvm/vm.toml': line 4, column 8: disks '/etc/twinvm/a.img' and '/etc/twinvm/./a.img' are the same image file"
+        );
+        let msg = parse_err(
+            "[[disk]]\npath = \"a.img\"\nreadonly = true\n[[disk]]\npath = \"a.img\"\nreadonly = true\n",
+        );
+        assert!(
+            msg.contains("disk '/etc/twinvm/a.img' is given more than once"),
+            "{msg}"
         );
     }
 

@@ -6,14 +6,15 @@
 
 mod cli;
 mod config;
+mod devices;
 mod size;
 mod testguest;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use clap::Parser;
 use clap::error::ErrorKind;
+use clap::{CommandFactory, Parser};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::filter::LevelFilter;
 
@@ -33,6 +34,9 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(err) => return usage_error(err),
     };
+    if let Err(err) = cli.validate() {
+        return usage_error(cli::Cli::command().error(ErrorKind::ValueValidation, err));
+    }
     init_logging();
     match run(cli) {
         Ok(exit) => {
@@ -55,6 +59,8 @@ fn run(cli: cli::Cli) -> Result<vmm::VmExit, Error> {
                 vcpus = config.vcpus,
                 initrd = ?config.initrd,
                 cmdline = %config.cmdline,
+                net = ?config.net,
+                disks = ?config.disks,
                 "starting VM"
             );
             Ok(vmm::run(config)?)

@@ -120,6 +120,166 @@ fn help_is_not_an_error() {
     assert!(stdout.contains("--memory <SIZE>"), "{stdout}");
 }
 
+#[test]
+fn net_invalid_mac() {
+    reject(
+        &["run", "--net", "tap=t0,mac=zz:00:00:00:00:00"],
+        USAGE,
+        &["--net", "mac", "zz:00:00:00:00:00"],
+    );
+    reject(
+        &["run", "--net", "tap=t0,mac=52:54:00:12:34"],
+        USAGE,
+        &["mac", "52:54:00:12:34"],
+    );
+}
+
+#[test]
+fn net_multicast_mac() {
+    reject(
+        &["run", "--net", "tap=t0,mac=01:00:5e:00:00:01"],
+        USAGE,
+        &["mac", "01:00:5e:00:00:01", "multicast"],
+    );
+    reject(
+        &["run", "--net", "tap=t0,mac=ff:ff:ff:ff:ff:ff"],
+        USAGE,
+        &["mac", "multicast"],
+    );
+}
+
+#[test]
+fn net_zero_mac() {
+    reject(
+        &["run", "--net", "tap=t0,mac=00:00:00:00:00:00"],
+        USAGE,
+        &["mac", "all zeros"],
+    );
+}
+
+#[test]
+fn net_without_tap() {
+    reject(
+        &["run", "--net", "mac=52:54:00:12:34:56"],
+        USAGE,
+        &["tap=NAME", "required"],
+    );
+    reject(&["run", "--net", "tap0"], USAGE, &["tap=tap0"]);
+}
+
+#[test]
+fn net_bad_tap_name() {
+    reject(
+        &["run", "--net", "tap=much-too-long-name"],
+        USAGE,
+        &["tap", "much-too-long-name", "15 bytes"],
+    );
+    reject(&["run", "--net", "tap=a/b"], USAGE, &["tap", "a/b", "'/'"]);
+    reject(&["run", "--net", "tap="], USAGE, &["tap", "empty"]);
+}
+
+#[test]
+fn net_unknown_key() {
+    reject(
+        &["run", "--net", "tap=t0,model=e1000"],
+        USAGE,
+        &["--net", "unknown", "model"],
+    );
+}
+
+#[test]
+fn net_duplicate_key() {
+    reject(
+        &["run", "--net", "tap=t0,tap=t1"],
+        USAGE,
+        &["tap", "more than once"],
+    );
+}
+
+#[test]
+fn net_duplicate_tap() {
+    reject(
+        &[
+            "run", "--net", "tap=t0", "--net", "tap=t1", "--net", "tap=t0",
+        ],
+        USAGE,
+        &["tap", "'t0'", "two network devices"],
+    );
+}
+
+#[test]
+fn disk_bad_serial() {
+    reject(
+        &["run", "--disk", "a.img,serial=123456789012345678901"],
+        USAGE,
+        &["--disk", "serial", "123456789012345678901", "at most 20"],
+    );
+    reject(
+        &["run", "--disk", "a.img,serial=dätä"],
+        USAGE,
+        &["disk", "serial", "printable ascii"],
+    );
+    reject(
+        &["run", "--disk", "a.img,serial="],
+        USAGE,
+        &["disk", "serial", "empty"],
+    );
+}
+
+#[test]
+fn disk_unknown_option() {
+    reject(
+        &["run", "--disk", "a.img,ro"],
+        USAGE,
+        &["--disk", "unknown disk option 'ro'"],
+    );
+    // The path ends at the first comma.
+    reject(
+        &["run", "--disk", "my,disk.img"],
+        USAGE,
+        &["disk", "'disk.img'", "cannot contain ','"],
+    );
+    reject(
+        &["run", "--disk", "a.img,readonly=yes"],
+        USAGE,
+        &["disk", "readonly", "no value"],
+    );
+}
+
+#[test]
+fn disk_empty_path() {
+    reject(
+        &["run", "--disk", ",readonly"],
+        USAGE,
+        &["disk", "path is empty"],
+    );
+}
+
+#[test]
+fn disk_duplicate_path() {
+    let dir = TempDir::new("disk-dup");
+    let img = dir.write("a.img", vec![0u8; 4096]);
+    let dot = dir.path().join(".").join("a.img");
+    reject(
+        &["run", "--disk", path_str(&img), "--disk", path_str(&dot)],
+        USAGE,
+        &["disk", path_str(&img), "same image file"],
+    );
+    let link = dir.path().join("link.img");
+    std::os::unix::fs::symlink(&img, &link).expect("symlink");
+    reject(
+        &[
+            "run",
+            "--disk",
+            &format!("{},readonly", path_str(&img)),
+            "--disk",
+            &format!("{},readonly", path_str(&link)),
+        ],
+        USAGE,
+        &["disk", path_str(&link), "same image file"],
+    );
+}
+
 // ---- config file ----
 
 #[test]
@@ -186,6 +346,84 @@ fn config_missing() {
         FAILURE,
         &["cannot read config file", path_str(&cfg), "no such file"],
     );
+}
+
+#[test]
+fn config_net_bad_mac() {
+    let dir = TempDir::new("cfg-mac");
+    let cfg = dir.write(
+        "vm.toml",
+        "[[net]]\ntap = \"t0\"\nmac = \"03:00:00:00:00:01\"\n",
+    );
+    reject(
+        &["run", "--config", path_str(&cfg)],
+        FAILURE,
+        &[path_str(&cfg), "line 3", "mac", "multicast"],
+    );
+}
+
+#[test]
+fn config_net_missing_tap() {
+    let dir = TempDir::new("cfg-notap");
+    let cfg = dir.write("vm.toml", "[[net]]\nmac = \"52:54:00:12:34:56\"\n");
+    reject(
+        &["run", "--config", path_str(&cfg)],
+        FAILURE,
+        &[path_str(&cfg), "missing field `tap`"],
+    );
+}
+
+#[test]
+fn config_net_duplicate_tap() {
+    let dir = TempDir::new("cfg-duptap");
+    let cfg = dir.write(
+        "vm.toml",
+        "[[net]]\ntap = \"t0\"\n\n[[net]]\ntap = \"t0\"\n",
+    );
+    reject(
+        &["run", "--config", path_str(&cfg)],
+        FAILURE,
+        &[path_str(&cfg), "line 5", "tap", "'t0'"],
+    );
+}
+
+#[test]
+fn config_disk_errors() {
+    let dir = TempDir::new("cfg-disk");
+    let cfg = dir.write(
+        "unknown.toml",
+        "[[disk]]\npath = \"a.img\"\nformat = \"raw\"\n",
+    );
+    reject(
+        &["run", "--config", path_str(&cfg)],
+        FAILURE,
+        &["unknown field `format`", "line 3"],
+    );
+    let cfg = dir.write(
+        "serial.toml",
+        "[[disk]]\npath = \"a.img\"\nserial = \"tab\\there\"\n",
+    );
+    reject(
+        &["run", "--config", path_str(&cfg)],
+        FAILURE,
+        &["disk serial", "'tab\\there'", "line 3"],
+    );
+    // Relative paths are resolved against the config file's directory
+    // before they are compared.
+    let cfg = dir.write(
+        "dup.toml",
+        format!(
+            "[[disk]]\npath = \"a.img\"\n[[disk]]\npath = \"{}\"\n",
+            path_str(&dir.path().join("a.img"))
+        ),
+    );
+    reject(
+        &["run", "--config", path_str(&cfg)],
+        FAILURE,
+        &["disk", path_str(&dir.path().join("a.img")), "line 4"],
+    );
+    let cfg = dir.write("single.toml", "[disk]\npath = \"a.img\"\n");
+    reject(&["run", "--config", path_str(&cfg)], FAILURE, &["[[disk]]"]);
 }
 
 // ---- rejected by the VMM ----
