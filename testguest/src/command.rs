@@ -14,6 +14,10 @@ pub enum Command {
     Counter,
     /// Panic (tests the crash path).
     Panic,
+    /// Print the network counters.
+    Net,
+    /// Print the disk workload's progress.
+    Disk,
     /// Anything else.
     Unknown,
 }
@@ -29,6 +33,8 @@ impl Command {
             b"reboot" => Self::Reboot,
             b"counter" => Self::Counter,
             b"panic" => Self::Panic,
+            b"net" => Self::Net,
+            b"disk" => Self::Disk,
             _ => Self::Unknown,
         })
     }
@@ -117,6 +123,8 @@ mod tests {
         assert_eq!(Command::parse(b" reboot \t"), Some(Command::Reboot));
         assert_eq!(Command::parse(b"counter"), Some(Command::Counter));
         assert_eq!(Command::parse(b"panic"), Some(Command::Panic));
+        assert_eq!(Command::parse(b"net"), Some(Command::Net));
+        assert_eq!(Command::parse(b"disk"), Some(Command::Disk));
         assert_eq!(Command::parse(b"Poweroff"), Some(Command::Unknown));
         assert_eq!(Command::parse(b"counter x"), Some(Command::Unknown));
         assert_eq!(Command::parse(b""), None);

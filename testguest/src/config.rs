@@ -2,8 +2,8 @@
 //!
 //! The command line is space-separated `key=value` words. Words the guest
 //! does not know are ignored (twinvm's own defaults share the line), and so is
-//! a known key whose value is not a decimal number. The last valid value of a
-//! key wins.
+//! a known key whose value is not valid for it (numbers are decimal, addresses
+//! dotted quads). The last valid value of a key wins.
 
 /// Settings of the test guest.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -16,7 +16,30 @@ pub struct Config {
     pub poweroff_after: u64,
     /// Measure and print the instruction rate after the banner.
     pub measure_ips: bool,
+    /// The guest's IPv4 address and prefix length (`ip=`); no network
+    /// without it.
+    pub ip: Option<Ipv4Cidr>,
+    /// Default gateway (`gw=`).
+    pub gw: Option<[u8; 4]>,
+    /// Run the disk record workload (`disk=records`).
+    pub disk_workload: bool,
+    /// Records the disk workload writes (`disk_records=`).
+    pub disk_records: u64,
+    /// Read the records back and verify them (`disk_verify=1`).
+    pub disk_verify: bool,
+    /// Records written per second (`disk_rate=`, 0: as fast as possible).
+    pub disk_rate: u64,
 }
+
+/// An IPv4 address with a prefix length (0..=32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv4Cidr {
+    pub addr: [u8; 4],
+    pub prefix: u8,
+}
+
+/// Records the disk workload writes when `disk_records` is not given.
+pub const DEFAULT_DISK_RECORDS: u64 = 64;
 
 impl Default for Config {
     fn default() -> Self {
@@ -25,6 +48,12 @@ impl Default for Config {
             dirty_mb: 16,
             poweroff_after: 0,
             measure_ips: false,
+            ip: None,
+            gw: None,
+            disk_workload: false,
+            disk_records: DEFAULT_DISK_RECORDS,
+            disk_verify: false,
+            disk_rate: 0,
         }
     }
 }
@@ -38,14 +67,26 @@ impl Config {
                 continue;
             };
             let (key, value) = (&word[..eq], &word[eq + 1..]);
-            let Some(value) = parse_decimal(value) else {
-                continue;
-            };
-            match key {
-                b"dirty_rate" => config.dirty_rate = value,
-                b"dirty_mb" => config.dirty_mb = value,
-                b"poweroff_after" => config.poweroff_after = value,
-                b"measure_ips" => config.measure_ips = value != 0,
+            let number = parse_decimal(value);
+            match (key, number) {
+                (b"dirty_rate", Some(n)) => config.dirty_rate = n,
+                (b"dirty_mb", Some(n)) => config.dirty_mb = n,
+                (b"poweroff_after", Some(n)) => config.poweroff_after = n,
+                (b"measure_ips", Some(n)) => config.measure_ips = n != 0,
+                (b"disk_records", Some(n)) => config.disk_records = n,
+                (b"disk_verify", Some(n)) => config.disk_verify = n != 0,
+                (b"disk_rate", Some(n)) => config.disk_rate = n,
+                (b"disk", _) => config.disk_workload = value == b"records",
+                (b"ip", _) => {
+                    if let Some(cidr) = parse_cidr(value) {
+                        config.ip = Some(cidr);
+                    }
+                }
+                (b"gw", _) => {
+                    if let Some(gw) = parse_ipv4(value) {
+                        config.gw = Some(gw);
+                    }
+                }
                 _ => {}
             }
         }
@@ -56,6 +97,45 @@ impl Config {
     pub fn dirty_bytes(&self) -> u64 {
         self.dirty_mb.saturating_mul(1 << 20)
     }
+}
+
+/// Parses a dotted-quad IPv4 address (`10.0.0.2`).
+pub fn parse_ipv4(s: &[u8]) -> Option<[u8; 4]> {
+    let mut addr = [0u8; 4];
+    let mut parts = s.split(|&b| b == b'.');
+    for byte in &mut addr {
+        let part = parts.next()?;
+        if part.len() > 3 {
+            return None;
+        }
+        *byte = u8::try_from(parse_decimal(part)?).ok()?;
+    }
+    if parts.next().is_some() {
+        return None;
+    }
+    Some(addr)
+}
+
+/// Parses `a.b.c.d/prefix` (prefix 0..=32); without `/prefix` the prefix is
+/// 24.
+pub fn parse_cidr(s: &[u8]) -> Option<Ipv4Cidr> {
+    let (addr, prefix) = match s.iter().position(|&b| b == b'/') {
+        Some(slash) => {
+            let prefix = &s[slash + 1..];
+            if prefix.len() > 2 {
+                return None;
+            }
+            (&s[..slash], parse_decimal(prefix)?)
+        }
+        None => (s, 24),
+    };
+    if prefix > 32 {
+        return None;
+    }
+    Some(Ipv4Cidr {
+        addr: parse_ipv4(addr)?,
+        prefix: prefix as u8,
+    })
 }
 
 /// Parses a non-empty unsigned decimal number; `None` on anything else,
@@ -96,7 +176,8 @@ mod tests {
                 dirty_rate: 1000,
                 dirty_mb: 4,
                 poweroff_after: 3,
-                measure_ips: true
+                measure_ips: true,
+                ..Config::default()
             }
         );
     }
@@ -134,6 +215,55 @@ mod tests {
     fn huge_dirty_mb_saturates() {
         let c = Config::parse(b"dirty_mb=18446744073709551615");
         assert_eq!(c.dirty_bytes(), u64::MAX);
+    }
+
+    #[test]
+    fn network_and_disk_keys() {
+        let c = Config::parse(
+            b"virtio_mmio.device=4K@0xd0000000:5 ip=10.0.0.2/24 gw=10.0.0.1 disk=records disk_records=100 disk_verify=1 disk_rate=50",
+        );
+        assert_eq!(
+            c.ip,
+            Some(Ipv4Cidr {
+                addr: [10, 0, 0, 2],
+                prefix: 24
+            })
+        );
+        assert_eq!(c.gw, Some([10, 0, 0, 1]));
+        assert!(c.disk_workload);
+        assert_eq!((c.disk_records, c.disk_verify, c.disk_rate), (100, true, 50));
+
+        let d = Config::default();
+        assert_eq!((d.ip, d.gw, d.disk_workload), (None, None, false));
+        assert_eq!((d.disk_records, d.disk_verify, d.disk_rate), (64, false, 0));
+
+        // Bad values keep the previous one; disk= other than records turns
+        // the workload off.
+        let c = Config::parse(b"ip=10.0.0.2 ip=10.0.0.300/24 gw=1.2.3 disk=records disk=none");
+        assert_eq!(c.ip.unwrap().prefix, 24);
+        assert_eq!(c.gw, None);
+        assert!(!c.disk_workload);
+    }
+
+    #[test]
+    fn ipv4_parser() {
+        assert_eq!(parse_ipv4(b"10.0.0.2"), Some([10, 0, 0, 2]));
+        assert_eq!(parse_ipv4(b"255.255.255.255"), Some([255; 4]));
+        for bad in [&b""[..], b"1.2.3", b"1.2.3.4.5", b"1.2.3.256", b"1..2.3", b"a.b.c.d", b"1.2.3.0004", b"1.2.3.4."] {
+            assert_eq!(parse_ipv4(bad), None, "{}", String::from_utf8_lossy(bad));
+        }
+        assert_eq!(
+            parse_cidr(b"192.168.1.7/16"),
+            Some(Ipv4Cidr {
+                addr: [192, 168, 1, 7],
+                prefix: 16
+            })
+        );
+        assert_eq!(parse_cidr(b"1.2.3.4/32").unwrap().prefix, 32);
+        assert_eq!(parse_cidr(b"1.2.3.4/0").unwrap().prefix, 0);
+        for bad in [&b"1.2.3.4/33"[..], b"1.2.3.4/", b"1.2.3.4/x", b"/24", b"1.2.3.4/024"] {
+            assert_eq!(parse_cidr(bad), None, "{}", String::from_utf8_lossy(bad));
+        }
     }
 
     #[test]

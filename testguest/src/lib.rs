@@ -12,10 +12,13 @@
 pub mod bootparams;
 pub mod command;
 pub mod config;
+pub mod disk;
 pub mod fmt;
 pub mod ips;
 pub mod memmap;
+pub mod net;
 pub mod report;
+pub mod virtio;
 pub mod workload;
 
 /// PIT interrupts per second (the guest programs the PIT for 100 Hz).

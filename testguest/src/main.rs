@@ -1,15 +1,20 @@
 //! The twinvm test guest: a freestanding x86_64 program that prints a ready
-//! banner, counts PIT ticks, dirties memory at a chosen rate and obeys a few
-//! serial commands. See `docs/test-guest.md` at the repository root.
+//! banner, counts PIT ticks, dirties memory at a chosen rate, obeys a few
+//! serial commands, and drives virtio network and block devices (network
+//! services, a disk record workload). See `docs/test-guest.md` at the
+//! repository root.
 
 #![no_std]
 #![no_main]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+mod devices;
 mod hw;
 
 use core::panic::PanicInfo;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use devices::{DEVICE_MEMORY, Machine};
 
 use hw::interrupts::{self, wait_for_interrupt};
 use hw::power;
@@ -21,6 +26,7 @@ use testguest::config::Config;
 use testguest::fmt::Sink;
 use testguest::memmap::work_area;
 use testguest::report;
+use testguest::virtio::MmioDevices;
 use testguest::workload::Workload;
 
 unsafe extern "C" {
@@ -40,9 +46,22 @@ extern "C" fn kmain(boot_params: u64) -> ! {
     // SAFETY: twinvm passes the address of a 4 KiB boot_params page, identity
     // mapped; the guest never writes it.
     let bp = BootParams::new(unsafe { &*(boot_params as *const [u8; BOOT_PARAMS_SIZE]) });
-    let config = Config::parse(cmdline(bp.cmd_line_ptr()));
+    let line = cmdline(bp.cmd_line_ptr());
+    let config = Config::parse(line);
+    let devices = MmioDevices::parse(line);
     let image_end = &raw const __image_end as u64;
-    let area = work_area(bp.e820(), image_end, config.dirty_bytes());
+    // With virtio devices, their memory comes first above the image and the
+    // work area follows it; without, the work area starts at the image end.
+    let mut device_area = None;
+    let mut work_start = image_end;
+    if !devices.is_empty() {
+        let area = work_area(bp.e820(), image_end, DEVICE_MEMORY);
+        if area.size == DEVICE_MEMORY {
+            device_area = Some(area);
+            work_start = area.base + area.size;
+        }
+    }
+    let area = work_area(bp.e820(), work_start, config.dirty_bytes());
     report::config(&mut Serial, &config, &area);
 
     interrupts::start_timer();
@@ -53,7 +72,8 @@ extern "C" fn kmain(boot_params: u64) -> ! {
             testguest::ips::instructions_per_second(outer, ticks),
         );
     }
-    run(&config, Workload::new(area, config.dirty_rate))
+    let machine = Machine::probe(&devices, device_area, &config, 0);
+    run(&config, Workload::new(area, config.dirty_rate), machine)
 }
 
 /// The command line at guest-physical address `ptr` (empty if 0), up to its
@@ -77,8 +97,9 @@ fn cmdline(ptr: u32) -> &'static [u8] {
 /// starts zeroed with .bss, where a local would be zeroed with block stores.
 static mut INPUT: LineReader = LineReader::new();
 
-/// The main loop: handle the ticks that arrived, poll the serial port, halt.
-fn run(config: &Config, mut workload: Workload) -> ! {
+/// The main loop: handle the ticks that arrived, poll the serial port and
+/// the devices, halt when there is nothing to do.
+fn run(config: &Config, mut workload: Workload, mut machine: Machine) -> ! {
     let input = &raw mut INPUT;
     // SAFETY: run is entered once and never returns, so this is the only
     // reference to INPUT there will ever be.
@@ -87,6 +108,7 @@ fn run(config: &Config, mut workload: Workload) -> ! {
     let mut counter = 0u64;
     loop {
         let arrived = interrupts::ticks();
+        let ticked = counter < arrived;
         while counter < arrived {
             counter += 1;
             COUNTER.store(counter, Ordering::Relaxed);
@@ -95,6 +117,7 @@ fn run(config: &Config, mut workload: Workload) -> ! {
                 // image, identity mapped, used by nothing else.
                 unsafe { (addr as *mut u64).write_volatile(value) }
             });
+            machine.tick();
             if counter.is_multiple_of(TICKS_PER_SECOND) {
                 report::counter(&mut Serial, counter, workload.dirtied());
                 if counter == poweroff_tick {
@@ -122,11 +145,15 @@ fn run(config: &Config, mut workload: Workload) -> ! {
                         report::counter(&mut Serial, counter, workload.dirtied())
                     }
                     Some(Command::Panic) => panic!("panic requested on the serial port"),
+                    Some(Command::Net) => machine.report_net(),
+                    Some(Command::Disk) => machine.report_disk(),
                     Some(Command::Unknown) => report::unknown_command(&mut Serial, line.bytes),
                 }
             }
         }
-        if interrupts::ticks() == counter {
+        let irqs = interrupts::take_irqs();
+        let busy = machine.poll(counter * (1000 / TICKS_PER_SECOND), irqs, ticked);
+        if !busy && interrupts::ticks() == counter && !interrupts::irqs_pending() {
             wait_for_interrupt();
         }
     }

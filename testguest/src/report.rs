@@ -1,8 +1,10 @@
 //! The lines the guest prints. Each ends in a single `\n`.
 
-use crate::config::Config;
+use crate::config::{Config, Ipv4Cidr};
+use crate::disk::Outcome;
 use crate::fmt::Sink;
 use crate::memmap::Region;
+use crate::net::NetStats;
 
 /// The ready banner (without the line end).
 pub const BANNER: &str = "TWINVM TESTGUEST READY";
@@ -51,6 +53,147 @@ pub fn unknown_command(out: &mut impl Sink, line: &[u8]) {
     out.put(b'\n');
 }
 
+/// Two lowercase hex digits.
+fn put_hex_byte(out: &mut impl Sink, b: u8) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    out.put(DIGITS[usize::from(b >> 4)]);
+    out.put(DIGITS[usize::from(b & 0xf)]);
+}
+
+fn put_ipv4(out: &mut impl Sink, addr: [u8; 4]) {
+    for (i, b) in addr.iter().enumerate() {
+        if i > 0 {
+            out.put(b'.');
+        }
+        out.put_u64(u64::from(*b));
+    }
+}
+
+/// `net<i> mac=<xx:xx:xx:xx:xx:xx> ip=<a.b.c.d/prefix|none>[ gw=<a.b.c.d>]`
+pub fn net_up(
+    out: &mut impl Sink,
+    index: usize,
+    mac: [u8; 6],
+    ip: Option<Ipv4Cidr>,
+    gw: Option<[u8; 4]>,
+) {
+    out.put_str("net");
+    out.put_u64(index as u64);
+    out.put_str(" mac=");
+    for (i, b) in mac.iter().enumerate() {
+        if i > 0 {
+            out.put(b':');
+        }
+        put_hex_byte(out, *b);
+    }
+    out.put_str(" ip=");
+    match ip {
+        Some(ip) => {
+            put_ipv4(out, ip.addr);
+            out.put(b'/');
+            out.put_u64(u64::from(ip.prefix));
+        }
+        None => out.put_str("none"),
+    }
+    if let (Some(gw), Some(_)) = (gw, ip) {
+        out.put_str(" gw=");
+        put_ipv4(out, gw);
+    }
+    out.put(b'\n');
+}
+
+/// `net<i> rx=<frames> tx=<frames> echo_bytes=<n> tcp_requests=<n> udp_requests=<n>`
+pub fn net_stats(out: &mut impl Sink, index: usize, rx: u64, tx: u64, stats: &NetStats) {
+    out.put_str("net");
+    out.put_u64(index as u64);
+    out.put_str(" rx=");
+    out.put_u64(rx);
+    out.put_str(" tx=");
+    out.put_u64(tx);
+    out.put_str(" echo_bytes=");
+    out.put_u64(stats.echo_bytes);
+    out.put_str(" tcp_requests=");
+    out.put_u64(stats.tcp_requests);
+    out.put_str(" udp_requests=");
+    out.put_u64(stats.udp_requests);
+    out.put(b'\n');
+}
+
+/// `disk<i> capacity=<sectors> serial=<id> ro=<0|1>`: the ID up to its
+/// first NUL, bytes other than printable ASCII (and space) shown as `?`,
+/// `-` if empty or unavailable.
+pub fn disk_info(out: &mut impl Sink, index: usize, capacity: u64, serial: &[u8], ro: bool) {
+    out.put_str("disk");
+    out.put_u64(index as u64);
+    out.put_str(" capacity=");
+    out.put_u64(capacity);
+    out.put_str(" serial=");
+    let end = serial.iter().position(|&b| b == 0).unwrap_or(serial.len());
+    if end == 0 {
+        out.put(b'-');
+    } else {
+        for &b in &serial[..end] {
+            out.put(if b.is_ascii_graphic() { b } else { b'?' });
+        }
+    }
+    out.put_str(" ro=");
+    out.put_u64(u64::from(ro));
+    out.put(b'\n');
+}
+
+/// The result lines of the disk record workload.
+pub fn disk_outcome(out: &mut impl Sink, outcome: &Outcome) {
+    match *outcome {
+        Outcome::Wrote(n) => {
+            out.put_str("disk wrote ");
+            out.put_u64(n);
+            out.put_str(" records\n");
+        }
+        Outcome::WriteRefused => out.put_str("disk write refused (read-only)\n"),
+        Outcome::Verified(n) => {
+            out.put_str("disk verified ");
+            out.put_u64(n);
+            out.put_str(" records\n");
+        }
+        Outcome::IoError { record, op, status } => {
+            out.put_str("disk error at record ");
+            out.put_u64(record);
+            out.put_str(": ");
+            out.put_str(op);
+            out.put_str(" status=");
+            out.put_u64(u64::from(status));
+            out.put(b'\n');
+        }
+        Outcome::BadRecord { record, error } => {
+            out.put_str("disk error at record ");
+            out.put_u64(record);
+            out.put_str(": ");
+            out.put_str(error.describe());
+            out.put(b'\n');
+        }
+    }
+}
+
+/// `disk<i> records written=<n> verified=<n>` (the `disk` command).
+pub fn disk_progress(out: &mut impl Sink, index: usize, written: u64, verified: u64) {
+    out.put_str("disk");
+    out.put_u64(index as u64);
+    out.put_str(" records written=");
+    out.put_u64(written);
+    out.put_str(" verified=");
+    out.put_u64(verified);
+    out.put(b'\n');
+}
+
+/// `virtio at <base>: <problem>` (a device that is not driven).
+pub fn device_error(out: &mut impl Sink, base: u64, problem: &str) {
+    out.put_str("virtio at ");
+    out.put_hex(base);
+    out.put_str(": ");
+    out.put_str(problem);
+    out.put(b'\n');
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -65,6 +208,7 @@ mod tests {
             dirty_mb: 16,
             poweroff_after: 3,
             measure_ips: true,
+            ..Config::default()
         };
         config(
             &mut s,
@@ -84,6 +228,68 @@ mod tests {
              counter=500 dirtied=5000\n\
              ips=1700000\n\
              unknown command: fo?o\n"
+        );
+    }
+
+    #[test]
+    fn device_lines() {
+        use crate::disk::RecordError;
+        let mut s = VecSink::default();
+        let ip = Some(Ipv4Cidr {
+            addr: [10, 0, 0, 2],
+            prefix: 24,
+        });
+        net_up(&mut s, 0, [0x52, 0x54, 0, 0xab, 0x0c, 0xff], ip, None);
+        net_up(&mut s, 1, [2, 0, 0, 0, 0, 1], ip, Some([10, 0, 0, 1]));
+        net_up(&mut s, 0, [2, 0, 0, 0, 0, 1], None, Some([10, 0, 0, 1]));
+        net_stats(
+            &mut s,
+            0,
+            10,
+            12,
+            &NetStats {
+                echo_bytes: 5,
+                tcp_requests: 6,
+                udp_requests: 7,
+            },
+        );
+        disk_info(&mut s, 0, 2048, b"twinvm-disk0\0\0\0\0\0\0\0\0", false);
+        disk_info(&mut s, 1, 8, b"a b\x01", true);
+        disk_info(&mut s, 2, 8, b"\0abc", true);
+        for o in [
+            Outcome::Wrote(100),
+            Outcome::WriteRefused,
+            Outcome::Verified(100),
+            Outcome::IoError {
+                record: 3,
+                op: "read",
+                status: 1,
+            },
+            Outcome::BadRecord {
+                record: 4,
+                error: RecordError::BadChecksum,
+            },
+        ] {
+            disk_outcome(&mut s, &o);
+        }
+        disk_progress(&mut s, 0, 10, 0);
+        device_error(&mut s, 0xd000_1000, "not virtio-mmio version 2");
+        assert_eq!(
+            s.text(),
+            "net0 mac=52:54:00:ab:0c:ff ip=10.0.0.2/24\n\
+             net1 mac=02:00:00:00:00:01 ip=10.0.0.2/24 gw=10.0.0.1\n\
+             net0 mac=02:00:00:00:00:01 ip=none\n\
+             net0 rx=10 tx=12 echo_bytes=5 tcp_requests=6 udp_requests=7\n\
+             disk0 capacity=2048 serial=twinvm-disk0 ro=0\n\
+             disk1 capacity=8 serial=a?b? ro=1\n\
+             disk2 capacity=8 serial=- ro=1\n\
+             disk wrote 100 records\n\
+             disk write refused (read-only)\n\
+             disk verified 100 records\n\
+             disk error at record 3: read status=1\n\
+             disk error at record 4: bad checksum\n\
+             disk0 records written=10 verified=0\n\
+             virtio at 0xd0001000: not virtio-mmio version 2\n"
         );
     }
 }

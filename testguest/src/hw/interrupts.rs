@@ -8,14 +8,18 @@
 //! handlers from overwriting it.
 
 use core::arch::{asm, global_asm};
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use super::io::outb;
+use super::io::{inb, outb};
 use super::serial::Serial;
 use testguest::fmt::Sink;
 
 /// PIT ticks counted by the timer interrupt handler.
 pub static TICKS: AtomicU64 = AtomicU64::new(0);
+
+/// PIC IRQ lines (bit n = IRQ n, 1..=15) that interrupted since the main
+/// loop last looked; set by the IRQ handlers.
+pub static IRQ_PENDING: AtomicU32 = AtomicU32::new(0);
 
 const CODE_SELECTOR: u64 = 0x08;
 
@@ -54,16 +58,18 @@ unsafe extern "C" {
     /// 32 exception entry stubs, 16 bytes apart (below).
     static exception_stubs: u8;
     fn tick_isr();
-    fn irq_master_isr();
-    fn irq_slave_isr();
+    /// Addresses of the handlers of IRQ 1..=15, in order (below).
+    static irq_stub_table: [u64; 15];
 }
 
 // Exception stubs push a zero error code when the CPU does not push one, then
 // the vector, and join `exception_common`, which saves the registers and
 // calls `exception` (which does not return).
 //
-// The timer handler counts the tick and acknowledges it; the other IRQs
-// (only spurious ones can arrive: they are masked) are just acknowledged.
+// The timer handler counts the tick and acknowledges it. The handler of
+// IRQ n (1..=15) sets bit n of IRQ_PENDING and acknowledges it (IRQs of
+// virtio devices; the others are masked, so only spurious IRQ 7 and 15 can
+// arrive, which at worst cause an extra poll).
 global_asm!(
     ".pushsection .text.isr, \"ax\"",
     ".macro twinvm_exception_stub vec, has_error",
@@ -142,25 +148,47 @@ global_asm!(
     "    pop rax",
     "    iretq",
     "",
-    ".global irq_master_isr",
-    "irq_master_isr:",
+    ".macro twinvm_irq_stub irq",
+    "    .balign 16",
+    "irq_stub_\\irq:",
     "    push rax",
+    "    or dword ptr [rip + {pending}], 1 << \\irq",
     "    mov al, {eoi}",
-    "    out {master}, al",
-    "    pop rax",
-    "    iretq",
-    "",
-    ".global irq_slave_isr",
-    "irq_slave_isr:",
-    "    push rax",
-    "    mov al, {eoi}",
+    "    .if \\irq >= 8",
     "    out {slave}, al",
+    "    .endif",
     "    out {master}, al",
     "    pop rax",
     "    iretq",
+    ".endm",
+    "twinvm_irq_stub 1",
+    "twinvm_irq_stub 2",
+    "twinvm_irq_stub 3",
+    "twinvm_irq_stub 4",
+    "twinvm_irq_stub 5",
+    "twinvm_irq_stub 6",
+    "twinvm_irq_stub 7",
+    "twinvm_irq_stub 8",
+    "twinvm_irq_stub 9",
+    "twinvm_irq_stub 10",
+    "twinvm_irq_stub 11",
+    "twinvm_irq_stub 12",
+    "twinvm_irq_stub 13",
+    "twinvm_irq_stub 14",
+    "twinvm_irq_stub 15",
+    ".purgem twinvm_irq_stub",
+    ".pushsection .rodata.irq_stub_table, \"a\"",
+    ".balign 8",
+    ".global irq_stub_table",
+    "irq_stub_table:",
+    ".quad irq_stub_1, irq_stub_2, irq_stub_3, irq_stub_4, irq_stub_5",
+    ".quad irq_stub_6, irq_stub_7, irq_stub_8, irq_stub_9, irq_stub_10",
+    ".quad irq_stub_11, irq_stub_12, irq_stub_13, irq_stub_14, irq_stub_15",
+    ".popsection",
     ".popsection",
     exception = sym exception,
     ticks = sym TICKS,
+    pending = sym IRQ_PENDING,
     eoi = const PIC_EOI,
     master = const PIC_MASTER_CMD,
     slave = const PIC_SLAVE_CMD,
@@ -258,13 +286,14 @@ fn gate(handler: u64) -> [u64; 2] {
 /// Loads the guest's GDT and IDT. Interrupts stay disabled.
 pub fn init() {
     let stubs = &raw const exception_stubs as u64;
+    // SAFETY: a table of 15 addresses in read-only data (above).
+    let irq_stubs = unsafe { irq_stub_table };
     let idt = &raw mut IDT;
     for vector in 0..IDT_ENTRIES {
         let handler = match vector {
             0..32 => stubs + 16 * vector as u64,
             0x20 => isr_address(tick_isr),
-            0x21..0x28 => isr_address(irq_master_isr),
-            _ => isr_address(irq_slave_isr),
+            _ => irq_stubs[vector - 0x21],
         };
         // SAFETY: single-threaded, interrupts off, and the IDT is not yet
         // loaded: nothing else accesses it; vector is in bounds.
@@ -309,6 +338,39 @@ pub fn start_timer() {
         outb(PIT_CHANNEL0, PIT_DIVISOR as u8);
         outb(PIT_CHANNEL0, (PIT_DIVISOR >> 8) as u8);
     }
+}
+
+/// Unmasks PIC line `irq` (1..=15; a line on the slave PIC also unmasks
+/// the cascade).
+pub fn unmask_irq(irq: u8) {
+    // SAFETY: reading and writing the PIC mask registers only changes which
+    // IRQs are delivered; each line has a handler.
+    unsafe {
+        if irq < 8 {
+            let mask = inb(PIC_MASTER_DATA);
+            outb(PIC_MASTER_DATA, mask & !(1 << irq));
+        } else if irq < 16 {
+            let mask = inb(PIC_SLAVE_DATA);
+            outb(PIC_SLAVE_DATA, mask & !(1 << (irq - 8)));
+            let mask = inb(PIC_MASTER_DATA);
+            outb(PIC_MASTER_DATA, mask & !(1 << 2));
+        }
+    }
+}
+
+/// Takes the set of IRQ lines that interrupted since the last call (bit n
+/// = IRQ n). Called with interrupts disabled, like all of the main loop.
+pub fn take_irqs() -> u32 {
+    let pending = IRQ_PENDING.load(Ordering::Relaxed);
+    if pending != 0 {
+        IRQ_PENDING.store(0, Ordering::Relaxed);
+    }
+    pending
+}
+
+/// Whether an IRQ handler ran since the last [`take_irqs`].
+pub fn irqs_pending() -> bool {
+    IRQ_PENDING.load(Ordering::Relaxed) != 0
 }
 
 /// Ticks counted so far.

@@ -7,3 +7,4 @@ pub mod io;
 pub mod mem;
 pub mod power;
 pub mod serial;
+pub mod virtio;

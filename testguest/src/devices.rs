@@ -1,0 +1,316 @@
+//! The virtio devices named on the command line and what runs on them: the
+//! network services on the first network device, the record workload on
+//! the first disk.
+
+use smoltcp::time::Instant;
+use testguest::config::Config;
+use testguest::disk::{Op, RecordJob, encode_record};
+use testguest::fmt::Sink;
+use testguest::memmap::Region;
+use testguest::net::{ARENA_BYTES, NetMemory, NetSettings, NetStack, mac_is_usable};
+use testguest::report;
+use testguest::virtio::{DEVICE_BLOCK, DEVICE_NET, MmioDevices};
+
+use crate::hw::interrupts::{self, wait_for_interrupt};
+use crate::hw::serial::Serial;
+use crate::hw::virtio::{
+    BLK_ID_BYTES, BLK_MEMORY, BlkRequest, DeviceMemory, NET_MEMORY, PAGE, VirtioBlk, VirtioNet,
+    open,
+};
+
+/// Disks the guest drives (more are reported and left alone).
+pub const MAX_DISKS: usize = 4;
+
+/// RAM set aside above the image for device rings, buffers and socket
+/// buffers when the command line names virtio devices.
+pub const DEVICE_MEMORY: u64 =
+    NET_MEMORY + (ARENA_BYTES as u64).next_multiple_of(PAGE) + MAX_DISKS as u64 * BLK_MEMORY;
+
+/// Frames processed per main-loop pass before ticks and the serial port
+/// get their turn again.
+const FRAMES_PER_POLL: usize = 8;
+/// Ticks to wait for a disk's ID at start.
+const GET_ID_TIMEOUT_TICKS: u64 = 300;
+
+/// Socket slots of the network stack (a static: the stack borrows them for
+/// the rest of the guest's life).
+static mut NET_SOCKETS: NetMemory<'static> = NetMemory::new();
+
+struct Net {
+    dev: VirtioNet,
+    stack: Option<NetStack<'static>>,
+    irq: u32,
+}
+
+struct Disk {
+    dev: VirtioBlk,
+    irq: u32,
+    job: Option<RecordJob>,
+    op: Option<Op>,
+}
+
+/// The driven devices.
+pub struct Machine {
+    net: Option<Net>,
+    disks: [Option<Disk>; MAX_DISKS],
+}
+
+impl Machine {
+    /// No devices.
+    pub const fn none() -> Self {
+        Self {
+            net: None,
+            disks: [const { None }; MAX_DISKS],
+        }
+    }
+
+    /// Initializes the devices in `devices` with memory from `area` (which
+    /// must be [`DEVICE_MEMORY`] bytes, or `None` if there was no room),
+    /// unmasks their interrupts and prints a line for each. The timer must
+    /// run (waiting for a disk uses it).
+    pub fn probe(devices: &MmioDevices, area: Option<Region>, config: &Config, now: u64) -> Self {
+        let mut machine = Self::none();
+        let Some(first) = devices.as_slice().first() else {
+            return machine;
+        };
+        let Some(area) = area else {
+            report::device_error(&mut Serial, first.base, "no RAM for device buffers");
+            return machine;
+        };
+        // SAFETY: the area is RAM above the image that nothing else uses
+        // (the work area starts after it).
+        let mut mem = unsafe { DeviceMemory::new(area.base, area.size) };
+        let mut disks = 0;
+        for device in devices.as_slice() {
+            let mmio = match open(device) {
+                Ok(mmio) => mmio,
+                Err(problem) => {
+                    report::device_error(&mut Serial, device.base, problem);
+                    continue;
+                }
+            };
+            let irq = 1u32 << device.irq;
+            match mmio.device_id() {
+                DEVICE_NET if machine.net.is_none() => match VirtioNet::new(mmio, &mut mem) {
+                    Ok(dev) => {
+                        interrupts::unmask_irq(device.irq);
+                        machine.net = Some(start_net(dev, irq, config, now, &mut mem));
+                    }
+                    Err(problem) => report::device_error(&mut Serial, device.base, problem),
+                },
+                DEVICE_BLOCK if disks < MAX_DISKS => match VirtioBlk::new(mmio, &mut mem) {
+                    Ok(dev) => {
+                        interrupts::unmask_irq(device.irq);
+                        let disk = start_disk(dev, irq, disks, config);
+                        machine.disks[disks] = Some(disk);
+                        disks += 1;
+                    }
+                    Err(problem) => report::device_error(&mut Serial, device.base, problem),
+                },
+                DEVICE_NET | DEVICE_BLOCK => {
+                    mmio.fail();
+                    report::device_error(&mut Serial, device.base, "one device too many");
+                }
+                0 => report::device_error(&mut Serial, device.base, "no device"),
+                _ => {
+                    mmio.fail();
+                    report::device_error(&mut Serial, device.base, "device type not driven");
+                }
+            }
+        }
+        machine
+    }
+
+    /// One timer tick passed (called once per tick, in order).
+    pub fn tick(&mut self) {
+        if let Some(Disk { job: Some(job), .. }) = &mut self.disks[0] {
+            job.tick();
+        }
+    }
+
+    /// Does the devices' work: `now_ms` is the guest's clock, `irqs` the
+    /// interrupt lines that fired, `ticked` whether ticks passed. Returns
+    /// whether work is left (the caller should not halt).
+    pub fn poll(&mut self, now_ms: u64, irqs: u32, ticked: bool) -> bool {
+        let mut busy = false;
+        if let Some(net) = &mut self.net {
+            if irqs & net.irq != 0 {
+                net.dev.ack_interrupt();
+            }
+            if let Some(stack) = &mut net.stack {
+                let now = Instant::from_millis(now_ms as i64);
+                for _ in 0..FRAMES_PER_POLL {
+                    let more = stack.poll_frame(now, &mut net.dev);
+                    net.dev.flush();
+                    if !more {
+                        break;
+                    }
+                }
+                if ticked {
+                    stack.poll_timers(now, &mut net.dev);
+                    net.dev.flush();
+                }
+                busy |= net.dev.can_receive();
+            }
+        }
+        for disk in self.disks.iter_mut().flatten() {
+            if irqs & disk.irq != 0 {
+                disk.dev.ack_interrupt();
+            }
+            disk.run_job();
+        }
+        busy
+    }
+
+    /// The `net` command.
+    pub fn report_net(&self) {
+        if let Some(net) = &self.net {
+            let (rx, tx) = net.dev.frames();
+            let stats = net.stack.as_ref().map(|s| s.stats()).unwrap_or_default();
+            report::net_stats(&mut Serial, 0, rx, tx, &stats);
+        }
+    }
+
+    /// The `disk` command.
+    pub fn report_disk(&self) {
+        if let Some(Disk { job: Some(job), .. }) = &self.disks[0] {
+            let (written, verified) = job.progress();
+            report::disk_progress(&mut Serial, 0, written, verified);
+        }
+    }
+}
+
+fn start_net(
+    dev: VirtioNet,
+    irq: u32,
+    config: &Config,
+    now: u64,
+    mem: &mut DeviceMemory,
+) -> Net {
+    let mac = dev.mac();
+    report::net_up(&mut Serial, 0, mac, config.ip, config.gw);
+    let mut net = Net {
+        dev,
+        stack: None,
+        irq,
+    };
+    let Some(ip) = config.ip else {
+        return net;
+    };
+    if !mac_is_usable(mac) {
+        Serial.put_str("net0 unusable MAC address: network off\n");
+        return net;
+    }
+    let settings = NetSettings {
+        mac,
+        ip,
+        gw: config.gw,
+    };
+    let Some(arena) = mem.alloc(ARENA_BYTES as u64) else {
+        Serial.put_str("net0 out of device memory: network off\n");
+        return net;
+    };
+    // SAFETY: ARENA_BYTES of device memory, allocated for the stack alone.
+    let arena = unsafe { core::slice::from_raw_parts_mut(arena as usize as *mut u8, ARENA_BYTES) };
+    let sockets = &raw mut NET_SOCKETS;
+    // SAFETY: start_net runs once (for the first network device), so this
+    // is the only reference ever made to NET_SOCKETS.
+    let sockets = unsafe { &mut *sockets };
+    net.stack = Some(NetStack::new(
+        &settings,
+        &mut net.dev,
+        sockets,
+        arena,
+        Instant::from_millis(now as i64),
+    ));
+    net
+}
+
+fn start_disk(mut dev: VirtioBlk, irq: u32, index: usize, config: &Config) -> Disk {
+    dev.submit(BlkRequest::GetId);
+    let start = interrupts::ticks();
+    let status = loop {
+        if let Some(status) = dev.poll() {
+            break Some(status);
+        }
+        if interrupts::ticks() - start > GET_ID_TIMEOUT_TICKS {
+            break None;
+        }
+        wait_for_interrupt();
+        interrupts::take_irqs();
+    };
+    dev.ack_interrupt();
+    let mut serial = [0u8; BLK_ID_BYTES];
+    match status {
+        Some(0) => serial.copy_from_slice(&dev.data()[..BLK_ID_BYTES]),
+        Some(_) => {}
+        None => {
+            Serial.put_str("disk");
+            Serial.put_u64(index as u64);
+            Serial.put_str(" timeout: disk not used\n");
+            return Disk {
+                dev,
+                irq,
+                job: None,
+                op: None,
+            };
+        }
+    }
+    report::disk_info(&mut Serial, index, dev.capacity, &serial, dev.read_only);
+    let job = (index == 0 && config.disk_workload).then(|| {
+        RecordJob::new(
+            config.disk_records,
+            dev.capacity,
+            config.disk_verify,
+            dev.read_only,
+            dev.flush,
+            config.disk_rate,
+        )
+    });
+    Disk {
+        dev,
+        irq,
+        job,
+        op: None,
+    }
+}
+
+impl Disk {
+    /// Takes a finished request and issues the next one of the workload.
+    fn run_job(&mut self) {
+        let Some(job) = &mut self.job else {
+            return;
+        };
+        if let Some(op) = self.op {
+            let Some(status) = self.dev.poll() else {
+                return;
+            };
+            self.op = None;
+            if let Some(outcome) = job.complete(op, status, self.dev.data()) {
+                report::disk_outcome(&mut Serial, &outcome);
+            }
+        }
+        if job.is_done() {
+            return;
+        }
+        match job.next_op() {
+            Some(op) => {
+                let request = match op {
+                    Op::Write(k) => {
+                        encode_record(k, self.dev.data());
+                        BlkRequest::Write(k)
+                    }
+                    Op::Flush => BlkRequest::Flush,
+                    Op::Read(k) => BlkRequest::Read(k),
+                };
+                self.dev.submit(request);
+                self.op = Some(op);
+            }
+            None => {
+                if let Some(outcome) = job.settle() {
+                    report::disk_outcome(&mut Serial, &outcome);
+                }
+            }
+        }
+    }
+}
