@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
-use kvm_ioctls::{Cap, Kvm, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::{boot, cpuid, msr, regs};
@@ -16,6 +16,7 @@ use crate::devices::legacy::{
     I8042, I8042_BASE, I8042_LEN, SERIAL_IRQ, SERIAL_PORT_BASE, SERIAL_PORT_LEN, SYSCTL_PORT,
     SerialDevice, SystemControl,
 };
+use crate::devices::virtio::{self, MmioTransport, VirtioDevice};
 use crate::devices::{Bus, BusError, lock};
 use crate::memory::{DirtyBitmap, GuestMemoryMmap, GuestRam, MMIO_HOLE_START, MemoryError};
 use crate::vcpu::{Vcpu, VcpuCommand, VcpuError, VcpuHandle, VcpuState};
@@ -80,6 +81,9 @@ pub enum Error {
     /// A device could not be placed on its bus.
     #[error(transparent)]
     Bus(#[from] BusError),
+    /// A network device or disk could not be set up.
+    #[error(transparent)]
+    Virtio(#[from] virtio::Error),
     /// An eventfd could not be created.
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
@@ -141,6 +145,9 @@ pub struct Vm {
     // Field order is drop order: vCPU threads end before the VM fd closes,
     // and the VM fd closes before guest RAM is unmapped.
     vcpus: Vec<VcpuHandle>,
+    // Device worker threads stop after the vCPUs (which reach the
+    // transports through the MMIO bus) and before the VM fd closes.
+    virtio: Vec<Arc<Mutex<MmioTransport>>>,
     serial: Arc<Mutex<SerialDevice>>,
     events_tx: Sender<VmEvent>,
     events: Receiver<VmEvent>,
@@ -164,6 +171,9 @@ impl Vm {
                 host,
             });
         }
+        // Taps and disk images first: bad configuration is reported before
+        // anything is built.
+        let devices = virtio::open_devices(&config.net, &config.disks)?;
         let kvm = open_kvm()?;
         for (cap, name) in [
             (Cap::Irqchip, "in-kernel irqchip"),
@@ -208,7 +218,9 @@ impl Vm {
             .as_deref()
             .map(|p| boot::load_initrd(mem, p, &kernel, low_ram_end))
             .transpose()?;
-        let cmdline = boot::build_cmdline(kernel.format, &config.cmdline)?;
+        let device_words: Vec<String> = (0..devices.len()).map(virtio::cmdline_word).collect();
+        let cmdline =
+            boot::build_cmdline_with_devices(kernel.format, &device_words, &config.cmdline)?;
         boot::write_boot_params(
             mem,
             &boot::BootInfo {
@@ -240,7 +252,9 @@ impl Vm {
             1,
         )?;
         let pio = Arc::new(pio);
-        let mmio = Arc::new(Bus::new());
+        let mut mmio = Bus::new();
+        let virtio = attach_virtio(&vm_fd, &mut mmio, mem, devices)?;
+        let mmio = Arc::new(mmio);
 
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -277,6 +291,7 @@ impl Vm {
         }
         Ok(Vm {
             vcpus: handles,
+            virtio,
             serial,
             events_tx,
             events,
@@ -338,11 +353,20 @@ impl Vm {
         self.events_tx.clone()
     }
 
-    /// Waits until the guest ends or fails; stops every vCPU.
+    /// The virtio devices, in guest order (network devices, then disks).
+    pub fn virtio_devices(&self) -> &[Arc<Mutex<MmioTransport>>] {
+        &self.virtio
+    }
+
+    /// Waits until the guest ends or fails; stops every vCPU and device
+    /// worker thread.
     pub fn wait(&mut self) -> Result<VmExit, Error> {
         let event = self.events.recv().map_err(|_| Error::EventsClosed)?;
         for v in &mut self.vcpus {
             v.exit();
+        }
+        for d in &self.virtio {
+            lock(d).shutdown();
         }
         match event {
             VmEvent::PowerOff => Ok(VmExit::PowerOff),
@@ -351,6 +375,35 @@ impl Vm {
             VmEvent::Crash(msg) => Err(Error::GuestCrash(msg)),
         }
     }
+}
+
+/// Puts each virtio device behind a transport on the MMIO bus at its
+/// address, with an ioeventfd per queue on QueueNotify (data: the queue
+/// index) and an irqfd on its GSI.
+fn attach_virtio(
+    vm_fd: &VmFd,
+    bus: &mut Bus,
+    mem: &GuestMemoryMmap,
+    devices: Vec<Box<dyn VirtioDevice>>,
+) -> Result<Vec<Arc<Mutex<MmioTransport>>>, Error> {
+    let mut transports = Vec::with_capacity(devices.len());
+    for (index, device) in devices.into_iter().enumerate() {
+        let base = virtio::mmio_address(index);
+        let transport = MmioTransport::new(device, mem.clone())?;
+        let notify = IoEventAddress::Mmio(base + virtio::mmio::NOTIFY_OFFSET);
+        for (queue, evt) in transport.queue_evts().iter().enumerate() {
+            vm_fd
+                .register_ioevent(evt, &notify, queue as u32)
+                .map_err(|e| Error::Kvm("register a virtio queue's ioeventfd", e))?;
+        }
+        vm_fd
+            .register_irqfd(transport.irqfd(), virtio::gsi(index))
+            .map_err(|e| Error::Kvm("register a virtio device's irqfd", e))?;
+        let transport = Arc::new(Mutex::new(transport));
+        bus.insert(transport.clone(), base, virtio::MMIO_SIZE)?;
+        transports.push(transport);
+    }
+    Ok(transports)
 }
 
 /// One past the last guest-physical RAM address.

@@ -5,6 +5,7 @@
 //! the offset into its own range.
 
 pub mod legacy;
+pub mod virtio;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};

@@ -248,11 +248,26 @@ pub fn load_initrd<M: GuestMemoryBackend>(
 /// Builds the kernel command line: twinvm's defaults for Linux, then the
 /// user's words.
 pub fn build_cmdline(format: KernelFormat, extra: &str) -> Result<Cmdline, BootError> {
+    build_cmdline_with_devices(format, &[], extra)
+}
+
+/// Builds the kernel command line: twinvm's defaults for Linux, the words
+/// that announce devices (`virtio_mmio.device=...`, for every kernel
+/// format), then the user's words — last, so that a `--` among them (after
+/// which Linux passes words to init) cannot swallow twinvm's.
+pub fn build_cmdline_with_devices(
+    format: KernelFormat,
+    devices: &[String],
+    extra: &str,
+) -> Result<Cmdline, BootError> {
     let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).map_err(BootError::Cmdline)?;
     if format == KernelFormat::BzImage {
         cmdline
             .insert_str(DEFAULT_LINUX_CMDLINE)
             .map_err(BootError::Cmdline)?;
+    }
+    for word in devices {
+        cmdline.insert_str(word).map_err(BootError::Cmdline)?;
     }
     let extra = extra.trim();
     if !extra.is_empty() {
@@ -417,6 +432,25 @@ mod tests {
             "{s}"
         );
         assert!(build_cmdline(KernelFormat::Elf, &"x".repeat(CMDLINE_MAX_SIZE)).is_err());
+    }
+
+    #[test]
+    fn device_words_come_before_the_users() {
+        let words = vec![
+            "virtio_mmio.device=4K@0xd0000000:5".to_string(),
+            "virtio_mmio.device=4K@0xd0001000:6".to_string(),
+        ];
+        let c = build_cmdline_with_devices(KernelFormat::Elf, &words, "a=b -- x").unwrap();
+        assert_eq!(
+            c.as_cstring().unwrap().to_str().unwrap(),
+            "virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6 a=b -- x"
+        );
+        let c = build_cmdline_with_devices(KernelFormat::BzImage, &words, "").unwrap();
+        let s = c.as_cstring().unwrap().into_string().unwrap();
+        assert!(
+            s.starts_with("console=ttyS0 ") && s.ends_with(" virtio_mmio.device=4K@0xd0001000:6"),
+            "{s}"
+        );
     }
 
     #[test]

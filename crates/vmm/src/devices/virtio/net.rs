@@ -1,0 +1,745 @@
+//! virtio-net: a network card whose frames go to and come from a
+//! [`NetBackend`].
+//!
+//! Queue 0 receives (device to guest), queue 1 transmits; 256 entries each.
+//! Features: VIRTIO_F_VERSION_1, VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS. No
+//! offloads and no mergeable receive buffers, so every buffer starts with a
+//! 12-byte `virtio_net_hdr_v1` that twinvm writes as zeros (with
+//! `num_buffers` 1) on receive and skips on transmit: back ends see plain
+//! Ethernet frames.
+
+use std::io::ErrorKind;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+
+use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestAddress;
+
+use super::queue::{self, Chain};
+use super::worker::{QueueHandler, Worker};
+use super::{ActivateError, Activation, F_VERSION_1, TYPE_NET, VirtioDevice, WarnLimit};
+use crate::NetConfig;
+use crate::memory::GuestMemoryMmap;
+
+/// Entries of each queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// The receive queue.
+pub const RX_QUEUE: usize = 0;
+/// The transmit queue.
+pub const TX_QUEUE: usize = 1;
+/// Size of `virtio_net_hdr_v1`, which precedes every frame in both
+/// directions.
+pub const HDR_LEN: usize = 12;
+/// Largest Ethernet frame (without the virtio header) either direction
+/// carries: 64 KiB of payload plus the Ethernet header and a VLAN tag.
+pub const MAX_FRAME_LEN: usize = 65_536 + 18;
+/// Offset of `num_buffers` in the header.
+const NUM_BUFFERS_OFFSET: usize = 10;
+
+/// Where a network card's frames go and come from: a host tap device, or
+/// the replication proxy that decides when the guest's frames leave and
+/// which frames the guest receives.
+///
+/// Frames are whole Ethernet frames without any virtio header. Calls come
+/// from the device's worker thread and must not block.
+pub trait NetBackend: Send {
+    /// Takes a frame the guest sent. The back end owns it from now on: it
+    /// may send it at once, hold it, or drop it. `WouldBlock` (or any other
+    /// error) drops the frame, as a congested link would.
+    fn send(&mut self, frame: &[u8]) -> std::io::Result<()>;
+    /// Gives the next frame for the guest into `buf` (at least
+    /// [`MAX_FRAME_LEN`] bytes) and returns its length; `WouldBlock` when
+    /// there is none.
+    fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<usize>;
+    /// An fd that becomes readable when frames are waiting. The device
+    /// polls it edge-triggered: it calls [`Self::recv`] until `WouldBlock`,
+    /// so the fd must signal again for frames that arrive after that.
+    fn ready_fd(&self) -> BorrowedFd<'_>;
+}
+
+/// The MAC address twinvm gives network device `index` when none is
+/// configured: locally administered, 52:54:00:12:34:56 and up.
+pub fn default_mac(index: usize) -> [u8; 6] {
+    let n = 0x12_3456 + index as u32;
+    [0x52, 0x54, 0x00, (n >> 16) as u8, (n >> 8) as u8, n as u8]
+}
+
+fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// A virtio-net device.
+pub struct Net {
+    name: String,
+    mac: [u8; 6],
+    backend: Option<Box<dyn NetBackend>>,
+    /// A frame taken from the back end but not yet delivered, kept across
+    /// a pause.
+    pending: Option<Vec<u8>>,
+    worker: Option<Worker<NetHandler>>,
+}
+
+impl Net {
+    /// A device named `name` (for messages) with address `mac`, on
+    /// `backend`.
+    pub fn new(name: String, mac: [u8; 6], backend: Box<dyn NetBackend>) -> Self {
+        Net {
+            name,
+            mac,
+            backend: Some(backend),
+            pending: None,
+            worker: None,
+        }
+    }
+
+    /// Network device `index` as configured: its tap opened, its MAC
+    /// checked or chosen.
+    pub fn with_tap(index: usize, config: &NetConfig) -> Result<Self, super::Error> {
+        let mac = config.mac.unwrap_or_else(|| default_mac(index));
+        let bad_mac = |why| super::Error::Mac {
+            tap: config.tap.clone(),
+            mac: format_mac(&mac),
+            why,
+        };
+        if mac[0] & 1 != 0 {
+            return Err(bad_mac("it is a multicast address"));
+        }
+        if mac == [0; 6] {
+            return Err(bad_mac("it is all zeros"));
+        }
+        let tap = super::Tap::open(&config.tap)?;
+        Ok(Net::new(
+            format!("net{index} (tap {})", config.tap),
+            mac,
+            Box::new(tap),
+        ))
+    }
+
+    /// The guest's MAC address.
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        TYPE_NET
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn avail_features(&self) -> u64 {
+        F_VERSION_1 | 1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_STATUS
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    /// `virtio_net_config`: mac[6], status (LINK_UP), max_virtqueue_pairs
+    /// (1).
+    fn config_space(&self) -> Vec<u8> {
+        let mut c = self.mac.to_vec();
+        c.extend_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        c.extend_from_slice(&1u16.to_le_bytes());
+        c
+    }
+
+    fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
+        let backend = self.backend.take().ok_or(ActivateError::BackendLost)?;
+        let mut queues = a.queues.into_iter();
+        let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
+            self.backend = Some(backend);
+            return Err(ActivateError::InvalidQueue {
+                index: 1,
+                why: "missing".into(),
+            });
+        };
+        let mut handler = NetHandler::new(self.name.clone(), a.mem, rx, tx, backend);
+        if let Some(frame) = self.pending.take() {
+            handler.frame[..frame.len()].copy_from_slice(&frame);
+            handler.pending = Some(frame.len());
+        }
+        let thread = format!("virtio-{}", self.name.split(' ').next().unwrap_or("net"));
+        match Worker::spawn(thread, handler, a.queue_evts, a.interrupt) {
+            Ok(worker) => {
+                self.worker = Some(worker);
+                Ok(())
+            }
+            Err((e, handler)) => {
+                let _ = self.take_back(handler);
+                Err(e)
+            }
+        }
+    }
+
+    fn deactivate(&mut self) -> Option<Vec<Queue>> {
+        let handler = self.worker.take()?.stop()?;
+        Some(self.take_back(handler))
+    }
+
+    fn reset(&mut self) {
+        self.pending = None;
+    }
+}
+
+impl Net {
+    /// Takes the back end and any waiting frame back from a stopped
+    /// worker's handler; returns its queues.
+    fn take_back(&mut self, handler: NetHandler) -> Vec<Queue> {
+        self.pending = handler.pending.map(|n| handler.frame[..n].to_vec());
+        self.backend = Some(handler.backend);
+        vec![handler.rx, handler.tx]
+    }
+}
+
+/// What becomes of a received frame.
+enum Delivery {
+    /// Written into a receive buffer.
+    Delivered,
+    /// No receive buffer: the frame waits.
+    NoBuffer,
+    /// Dropped (too big for the buffer).
+    Dropped,
+}
+
+/// The worker-side state of a network card: its queues and back end.
+pub(crate) struct NetHandler {
+    name: String,
+    mem: GuestMemoryMmap,
+    pub(crate) rx: Queue,
+    pub(crate) tx: Queue,
+    backend: Box<dyn NetBackend>,
+    /// Receive buffer; a frame waiting for a guest buffer stays in it.
+    frame: Vec<u8>,
+    pending: Option<usize>,
+    tx_buf: Vec<u8>,
+    warn: WarnLimit,
+    /// Chains the guest built wrongly, so far.
+    pub(crate) malformed: u64,
+    /// Frames dropped (back end refused, guest buffer too small).
+    pub(crate) dropped: u64,
+}
+
+impl NetHandler {
+    pub(crate) fn new(
+        name: String,
+        mem: GuestMemoryMmap,
+        rx: Queue,
+        tx: Queue,
+        backend: Box<dyn NetBackend>,
+    ) -> Self {
+        NetHandler {
+            name,
+            mem,
+            rx,
+            tx,
+            backend,
+            frame: vec![0; MAX_FRAME_LEN],
+            pending: None,
+            tx_buf: Vec::with_capacity(MAX_FRAME_LEN),
+            warn: WarnLimit::new(),
+            malformed: 0,
+            dropped: 0,
+        }
+    }
+
+    fn warn(&mut self, msg: std::fmt::Arguments<'_>) {
+        self.warn.warn(&self.name, msg);
+    }
+
+    /// Sends every frame the guest queued for transmission. Returns whether
+    /// the guest must be interrupted.
+    pub(crate) fn process_tx(&mut self) -> bool {
+        let mut used = false;
+        loop {
+            let head = match queue::pop_head(&mut self.tx, &self.mem) {
+                Ok(Some(head)) => head,
+                Ok(None) => break,
+                Err(e) => {
+                    self.malformed += 1;
+                    self.warn(format_args!("transmit queue: {e}"));
+                    break;
+                }
+            };
+            self.transmit(head);
+            if let Err(e) = self.tx.add_used(&self.mem, head, 0) {
+                self.warn(format_args!(
+                    "transmit queue: cannot return buffer {head}: {e}"
+                ));
+            }
+            used = true;
+        }
+        used && self.tx.needs_notification(&self.mem).unwrap_or(true)
+    }
+
+    /// Sends the frame in the chain at `head`, or drops it with a warning.
+    fn transmit(&mut self, head: u16) {
+        let max = (HDR_LEN + MAX_FRAME_LEN) as u64;
+        let chain = match queue::read_chain(
+            &self.mem,
+            GuestAddress(self.tx.desc_table()),
+            self.tx.size(),
+            head,
+            max,
+        ) {
+            Ok(chain) => chain,
+            Err(e) => {
+                self.malformed += 1;
+                self.warn(format_args!("transmit buffer dropped: {e}"));
+                return;
+            }
+        };
+        if !chain.writable.is_empty() {
+            self.malformed += 1;
+            self.warn(format_args!(
+                "transmit buffer {head} dropped: it has device-writable descriptors"
+            ));
+            return;
+        }
+        let len = chain.readable_len() as usize;
+        if len <= HDR_LEN {
+            self.malformed += 1;
+            self.warn(format_args!(
+                "transmit buffer {head} dropped: {len} bytes hold no frame after the {HDR_LEN}-byte header"
+            ));
+            return;
+        }
+        self.tx_buf.resize(len - HDR_LEN, 0);
+        if let Err(e) =
+            queue::read_from(&self.mem, &chain.readable, HDR_LEN as u64, &mut self.tx_buf)
+        {
+            self.malformed += 1;
+            self.warn(format_args!("transmit buffer {head} dropped: {e}"));
+            return;
+        }
+        if let Err(e) = self.backend.send(&self.tx_buf) {
+            self.dropped += 1;
+            if e.kind() != ErrorKind::WouldBlock {
+                self.warn(format_args!("frame dropped: the back end refused it: {e}"));
+            }
+        }
+    }
+
+    /// Moves frames from the back end into the guest's receive buffers
+    /// until either runs out. Returns whether the guest must be
+    /// interrupted.
+    pub(crate) fn process_rx(&mut self) -> bool {
+        let mut used = false;
+        loop {
+            let len = match self.pending {
+                Some(len) => len,
+                None => match self.backend.recv(&mut self.frame) {
+                    // Nothing to give after all.
+                    Ok(0) => break,
+                    Ok(len) => {
+                        let len = len.min(MAX_FRAME_LEN);
+                        self.pending = Some(len);
+                        len
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        self.warn(format_args!("cannot receive from the back end: {e}"));
+                        break;
+                    }
+                },
+            };
+            match self.deliver(len, &mut used) {
+                Delivery::Delivered | Delivery::Dropped => self.pending = None,
+                Delivery::NoBuffer => break,
+            }
+        }
+        used && self.rx.needs_notification(&self.mem).unwrap_or(true)
+    }
+
+    /// Writes the header and the `len`-byte frame into the next receive
+    /// buffer. Chains the guest built wrongly are returned empty and the
+    /// next one is tried.
+    fn deliver(&mut self, len: usize, used: &mut bool) -> Delivery {
+        loop {
+            let head = match queue::pop_head(&mut self.rx, &self.mem) {
+                Ok(Some(head)) => head,
+                Ok(None) => return Delivery::NoBuffer,
+                Err(e) => {
+                    self.malformed += 1;
+                    self.warn(format_args!("receive queue: {e}"));
+                    return Delivery::NoBuffer;
+                }
+            };
+            let chain = match self.receive_chain(head) {
+                Some(chain) => chain,
+                None => {
+                    // Returned with nothing written; try the next buffer.
+                    if let Err(e) = self.rx.add_used(&self.mem, head, 0) {
+                        self.warn(format_args!(
+                            "receive queue: cannot return buffer {head}: {e}"
+                        ));
+                    }
+                    *used = true;
+                    continue;
+                }
+            };
+            let total = HDR_LEN + len;
+            if chain.writable_len() < total as u64 {
+                // The buffer stays for the next (smaller) frame.
+                self.rx.go_to_previous_position();
+                self.dropped += 1;
+                self.warn(format_args!(
+                    "received frame of {len} bytes dropped: the guest's buffer holds {} bytes",
+                    chain.writable_len()
+                ));
+                return Delivery::Dropped;
+            }
+            let mut hdr = [0u8; HDR_LEN];
+            hdr[NUM_BUFFERS_OFFSET..].copy_from_slice(&1u16.to_le_bytes());
+            let written = queue::write_to(&self.mem, &chain.writable, 0, &hdr).and_then(|()| {
+                queue::write_to(
+                    &self.mem,
+                    &chain.writable,
+                    HDR_LEN as u64,
+                    &self.frame[..len],
+                )
+            });
+            let used_len = match written {
+                Ok(()) => total as u32,
+                Err(e) => {
+                    self.warn(format_args!("received frame dropped: {e}"));
+                    0
+                }
+            };
+            if let Err(e) = self.rx.add_used(&self.mem, head, used_len) {
+                self.warn(format_args!(
+                    "receive queue: cannot return buffer {head}: {e}"
+                ));
+            }
+            *used = true;
+            return Delivery::Delivered;
+        }
+    }
+
+    /// The checked receive chain at `head`, or `None` (warned) if the
+    /// guest built it wrongly.
+    fn receive_chain(&mut self, head: u16) -> Option<Chain> {
+        match queue::read_chain(
+            &self.mem,
+            GuestAddress(self.rx.desc_table()),
+            self.rx.size(),
+            head,
+            u64::from(u32::MAX),
+        ) {
+            Ok(chain) if chain.readable.is_empty() => Some(chain),
+            Ok(_) => {
+                self.malformed += 1;
+                self.warn(format_args!(
+                    "receive buffer {head} returned unused: it has device-readable descriptors"
+                ));
+                None
+            }
+            Err(e) => {
+                self.malformed += 1;
+                self.warn(format_args!("receive buffer returned unused: {e}"));
+                None
+            }
+        }
+    }
+}
+
+impl QueueHandler for NetHandler {
+    fn backend_fd(&self) -> Option<RawFd> {
+        Some(self.backend.ready_fd().as_raw_fd())
+    }
+
+    fn queue_notified(&mut self, index: usize) -> bool {
+        match index {
+            // New receive buffers: frames waiting may now go in.
+            RX_QUEUE => self.process_rx(),
+            TX_QUEUE => self.process_tx(),
+            _ => false,
+        }
+    }
+
+    fn backend_ready(&mut self) -> bool {
+        self.process_rx()
+    }
+
+    fn process_all(&mut self) -> bool {
+        let tx = self.process_tx();
+        let rx = self.process_rx();
+        tx || rx
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::devices::virtio::testutil::{
+        F_NEXT, F_WRITE, TestQueue, take_dirty_pages, test_memory,
+    };
+    use std::collections::VecDeque;
+    use std::sync::{Arc, Mutex};
+    use vm_memory::Bytes;
+    use vmm_sys_util::eventfd::EventFd;
+
+    /// A back end that records sent frames and hands out queued ones.
+    #[derive(Clone)]
+    pub(crate) struct MockBackend {
+        pub(crate) sent: Arc<Mutex<Vec<Vec<u8>>>>,
+        pub(crate) inbox: Arc<Mutex<VecDeque<Vec<u8>>>>,
+        pub(crate) ready: Arc<EventFd>,
+    }
+
+    impl MockBackend {
+        pub(crate) fn new() -> Self {
+            MockBackend {
+                sent: Arc::default(),
+                inbox: Arc::default(),
+                ready: Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
+            }
+        }
+
+        /// Queues a frame for the guest and signals readiness.
+        pub(crate) fn inject(&self, frame: &[u8]) {
+            self.inbox.lock().unwrap().push_back(frame.to_vec());
+            self.ready.write(1).unwrap();
+        }
+    }
+
+    impl NetBackend for MockBackend {
+        fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+            self.sent.lock().unwrap().push(frame.to_vec());
+            Ok(())
+        }
+        fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            match self.inbox.lock().unwrap().pop_front() {
+                Some(f) => {
+                    buf[..f.len()].copy_from_slice(&f);
+                    Ok(f.len())
+                }
+                None => {
+                    let _ = self.ready.read();
+                    Err(ErrorKind::WouldBlock.into())
+                }
+            }
+        }
+        fn ready_fd(&self) -> BorrowedFd<'_> {
+            // SAFETY: the eventfd stays open as long as `self` (which holds
+            // a reference to it) is borrowed.
+            unsafe { BorrowedFd::borrow_raw(self.ready.as_raw_fd()) }
+        }
+    }
+
+    fn frame(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed))
+            .collect()
+    }
+
+    /// rx queue structures at 0x10000.., tx at 0x20000.. (pages of their
+    /// own), buffers from 0x100000.
+    fn handler<'a>(
+        mem: &'a GuestMemoryMmap,
+        backend: &MockBackend,
+    ) -> (NetHandler, TestQueue<'a>, TestQueue<'a>) {
+        let rxq = TestQueue::at(mem, 256, 0x10000);
+        let txq = TestQueue::at(mem, 256, 0x20000);
+        let h = NetHandler::new(
+            "net-test".into(),
+            mem.clone(),
+            rxq.queue(),
+            txq.queue(),
+            Box::new(backend.clone()),
+        );
+        (h, rxq, txq)
+    }
+
+    #[test]
+    fn tx_strips_the_header_and_sends_the_frame() {
+        let mem = test_memory();
+        let backend = MockBackend::new();
+        let (mut h, _, txq) = handler(&mem, &backend);
+        let f = frame(100, 1);
+        // Header in its own descriptor, frame split over two more.
+        mem.write_slice(&[0xaa; HDR_LEN], GuestAddress(0x100000))
+            .unwrap();
+        mem.write_slice(&f[..40], GuestAddress(0x101000)).unwrap();
+        mem.write_slice(&f[40..], GuestAddress(0x102000)).unwrap();
+        txq.set_desc(0, 0x100000, HDR_LEN as u32, F_NEXT, 1);
+        txq.set_desc(1, 0x101000, 40, F_NEXT, 2);
+        txq.set_desc(2, 0x102000, 60, 0, 0);
+        txq.push_avail(0);
+        // Header and frame in one descriptor.
+        let g = frame(60, 9);
+        let mut one = vec![0u8; HDR_LEN];
+        one.extend_from_slice(&g);
+        mem.write_slice(&one, GuestAddress(0x103000)).unwrap();
+        txq.set_desc(3, 0x103000, one.len() as u32, 0, 0);
+        txq.push_avail(3);
+        take_dirty_pages(&mem);
+
+        assert!(h.process_tx());
+        assert_eq!(*backend.sent.lock().unwrap(), vec![f, g]);
+        assert_eq!(txq.used_idx(), 2);
+        assert_eq!(txq.used_elem(0), (0, 0));
+        assert_eq!(txq.used_elem(1), (3, 0));
+        // Only the used ring was written.
+        assert_eq!(take_dirty_pages(&mem), vec![0x24000]);
+        assert_eq!(h.malformed, 0);
+    }
+
+    #[test]
+    fn rx_adds_the_header_and_marks_exactly_the_written_pages() {
+        let mem = test_memory();
+        let backend = MockBackend::new();
+        let (mut h, rxq, _) = handler(&mem, &backend);
+        // Two buffers of two descriptors each: 12 + 1514 bytes.
+        rxq.set_desc(0, 0x100000, HDR_LEN as u32, F_WRITE | F_NEXT, 1);
+        rxq.set_desc(1, 0x101000, 1514, F_WRITE, 0);
+        rxq.set_desc(2, 0x102ff0, 1526, F_WRITE, 0);
+        rxq.push_avail(0);
+        rxq.push_avail(2);
+        let f = frame(600, 3);
+        // The second frame crosses from page 0x102000 into 0x103000.
+        let g = frame(1000, 4);
+        backend.inject(&f);
+        backend.inject(&g);
+        take_dirty_pages(&mem);
+
+        assert!(h.process_rx());
+        assert_eq!(rxq.used_idx(), 2);
+        assert_eq!(rxq.used_elem(0), (0, (HDR_LEN + 600) as u32));
+        assert_eq!(rxq.used_elem(1), (2, (HDR_LEN + 1000) as u32));
+        let mut hdr = [0xffu8; HDR_LEN];
+        mem.read_slice(&mut hdr, GuestAddress(0x100000)).unwrap();
+        assert_eq!(hdr, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
+        let mut got = vec![0u8; 600];
+        mem.read_slice(&mut got, GuestAddress(0x101000)).unwrap();
+        assert_eq!(got, f);
+        let mut got = vec![0u8; 1000];
+        mem.read_slice(&mut got, GuestAddress(0x102ff0 + HDR_LEN as u64))
+            .unwrap();
+        assert_eq!(got, g);
+        assert_eq!(
+            take_dirty_pages(&mem),
+            vec![0x14000, 0x100000, 0x101000, 0x102000, 0x103000]
+        );
+    }
+
+    #[test]
+    fn rx_waits_for_buffers_and_keeps_the_frame() {
+        let mem = test_memory();
+        let backend = MockBackend::new();
+        let (mut h, rxq, _) = handler(&mem, &backend);
+        let f = frame(64, 5);
+        backend.inject(&f);
+        assert!(!h.process_rx());
+        assert_eq!(h.pending, Some(64));
+        rxq.set_desc(0, 0x100000, 2048, F_WRITE, 0);
+        rxq.push_avail(0);
+        assert!(h.queue_notified(RX_QUEUE));
+        assert_eq!(rxq.used_elem(0), (0, (HDR_LEN + 64) as u32));
+        assert_eq!(h.pending, None);
+    }
+
+    #[test]
+    fn malformed_tx_chains_are_dropped_and_the_queue_goes_on() {
+        let mem = test_memory();
+        let backend = MockBackend::new();
+        let (mut h, _, txq) = handler(&mem, &backend);
+        // 0: a loop.
+        txq.set_desc(0, 0x100000, 64, F_NEXT, 1);
+        txq.set_desc(1, 0x100000, 64, F_NEXT, 0);
+        // 2: outside guest memory.
+        txq.set_desc(2, 0x4000_0000, 64, 0, 0);
+        // 3: device-writable (wrong direction).
+        txq.set_desc(3, 0x100000, 64, F_WRITE, 0);
+        // 4: oversized (more than a header and the largest frame).
+        txq.set_desc(4, 0x100000, (HDR_LEN + MAX_FRAME_LEN + 1) as u32, 0, 0);
+        // 5: only a header.
+        txq.set_desc(5, 0x100000, HDR_LEN as u32, 0, 0);
+        // 6: next index out of range.
+        txq.set_desc(6, 0x100000, 64, F_NEXT, 300);
+        // 7: a good frame after all that.
+        txq.set_desc(7, 0x101000, (HDR_LEN + 20) as u32, 0, 0);
+        for head in [0, 2, 3, 4, 5, 6, 7, 999] {
+            txq.push_avail(head);
+        }
+        take_dirty_pages(&mem);
+        assert!(h.process_tx());
+        assert_eq!(h.malformed, 7);
+        assert_eq!(backend.sent.lock().unwrap().len(), 1);
+        // Every chain with a valid head went back; 999 could not.
+        assert_eq!(txq.used_idx(), 7);
+        assert_eq!(take_dirty_pages(&mem), vec![0x24000]);
+    }
+
+    #[test]
+    fn malformed_rx_chains_are_returned_empty() {
+        let mem = test_memory();
+        let backend = MockBackend::new();
+        let (mut h, rxq, _) = handler(&mem, &backend);
+        // 0: device-readable; 1: loop; 2: beyond memory; 3: too small; 4: good.
+        rxq.set_desc(0, 0x100000, 2048, 0, 0);
+        rxq.set_desc(1, 0x100000, 2048, F_WRITE | F_NEXT, 1);
+        rxq.set_desc(2, 0xfff_0000, 2048, F_WRITE, 0);
+        rxq.set_desc(3, 0x101000, 30, F_WRITE, 0);
+        rxq.set_desc(4, 0x102000, 2048, F_WRITE, 0);
+        for head in 0..5 {
+            rxq.push_avail(head);
+        }
+        backend.inject(&frame(100, 1));
+        backend.inject(&frame(10, 2));
+        take_dirty_pages(&mem);
+        assert!(h.process_rx());
+        assert_eq!(h.malformed, 3);
+        // 100 bytes do not fit buffer 3: the frame is dropped, the buffer
+        // kept for the 10-byte frame.
+        assert_eq!(h.dropped, 1);
+        assert_eq!(rxq.used_idx(), 4);
+        assert_eq!(rxq.used_elem(0), (0, 0));
+        assert_eq!(rxq.used_elem(1), (1, 0));
+        assert_eq!(rxq.used_elem(2), (2, 0));
+        assert_eq!(rxq.used_elem(3), (3, (HDR_LEN + 10) as u32));
+        // Nothing but the used ring and buffer 3 was written.
+        assert_eq!(take_dirty_pages(&mem), vec![0x14000, 0x101000]);
+    }
+
+    #[test]
+    fn default_macs_are_local_and_distinct() {
+        assert_eq!(default_mac(0), [0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+        assert_eq!(default_mac(1), [0x52, 0x54, 0, 0x12, 0x34, 0x57]);
+        assert_eq!(default_mac(0xaa), [0x52, 0x54, 0, 0x12, 0x35, 0x00]);
+    }
+
+    #[test]
+    fn config_space_holds_mac_and_link_status() {
+        let net = Net::new("n".into(), [2, 3, 4, 5, 6, 7], Box::new(MockBackend::new()));
+        assert_eq!(net.config_space(), vec![2, 3, 4, 5, 6, 7, 1, 0, 1, 0]);
+        assert_eq!(net.avail_features(), (1 << 32) | (1 << 5) | (1 << 16));
+    }
+
+    #[test]
+    fn bad_macs_are_refused_before_the_tap_is_opened() {
+        for mac in [[1, 0, 0, 0, 0, 1], [0; 6]] {
+            let err = Net::with_tap(
+                0,
+                &NetConfig {
+                    tap: "tvnonexist0".into(),
+                    mac: Some(mac),
+                },
+            )
+            .err()
+            .unwrap()
+            .to_string();
+            assert!(
+                err.contains("MAC") && err.contains("tap tvnonexist0"),
+                "{err}"
+            );
+        }
+    }
+}
