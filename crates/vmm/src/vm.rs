@@ -311,8 +311,11 @@ impl Vm {
         Ok(())
     }
 
-    /// Starts (or resumes) every vCPU.
+    /// Starts (or resumes) every vCPU and device worker thread.
     pub fn resume(&self) -> Result<(), Error> {
+        for d in &self.virtio {
+            lock(d).resume();
+        }
         self.command_all(VcpuCommand::Resume)
     }
 
@@ -321,9 +324,16 @@ impl Vm {
         self.resume()
     }
 
-    /// Freezes every vCPU; returns once none of them runs guest code.
+    /// Freezes every vCPU and device worker thread; returns once none of
+    /// them runs guest code or writes guest memory.
     pub fn pause(&self) -> Result<(), Error> {
-        self.command_all(VcpuCommand::Pause)
+        self.command_all(VcpuCommand::Pause)?;
+        // Device workers stop too: nothing changes guest memory (a frame
+        // arriving waits in its back end) until resume.
+        for d in &self.virtio {
+            lock(d).pause();
+        }
+        Ok(())
     }
 
     /// The pages written since the last call (by the guest or the VMM).

@@ -170,6 +170,25 @@ fn a_guest_notification_reaches_the_disk_worker_through_kvm() {
     lock(&dev).read(0x60, &mut isr);
     assert_eq!(u32::from_le_bytes(isr) & INT_VRING, INT_VRING);
 
+    // A paused VM's devices write nothing, even when notified; resume
+    // catches up.
+    vm.pause().unwrap();
+    assert!(!lock(&dev).is_running());
+    vm.take_dirty().unwrap();
+    q.set_desc(6, 0x30_0000, 16, F_NEXT, 7);
+    q.set_desc(7, 0x34_0000, 512, F_WRITE | F_NEXT, 8);
+    q.set_desc(8, 0x32_0002, 1, F_WRITE, 0);
+    q.push_avail(6);
+    lock(&dev).queue_evts()[0].write(1).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(q.used_idx(), 2);
+    let dirty = vm.take_dirty().unwrap();
+    assert!(!dirty.contains(GuestAddress(0x34_0000)));
+    assert!(!dirty.contains(GuestAddress(0x20_4000)));
+    vm.resume().unwrap();
+    assert!(lock(&dev).is_running());
+    assert!(wait_for(|| q.used_idx() == 3), "no completion after resume");
+
     vm.event_sender().send(VmEvent::PowerOff).unwrap();
     assert_eq!(vm.wait().unwrap(), VmExit::PowerOff);
     assert!(!lock(&dev).is_running());
