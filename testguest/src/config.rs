@@ -231,7 +231,10 @@ mod tests {
         );
         assert_eq!(c.gw, Some([10, 0, 0, 1]));
         assert!(c.disk_workload);
-        assert_eq!((c.disk_records, c.disk_verify, c.disk_rate), (100, true, 50));
+        assert_eq!(
+            (c.disk_records, c.disk_verify, c.disk_rate),
+            (100, true, 50)
+        );
 
         let d = Config::default();
         assert_eq!((d.ip, d.gw, d.disk_workload), (None, None, false));
@@ -249,7 +252,16 @@ mod tests {
     fn ipv4_parser() {
         assert_eq!(parse_ipv4(b"10.0.0.2"), Some([10, 0, 0, 2]));
         assert_eq!(parse_ipv4(b"255.255.255.255"), Some([255; 4]));
-        for bad in [&b""[..], b"1.2.3", b"1.2.3.4.5", b"1.2.3.256", b"1..2.3", b"a.b.c.d", b"1.2.3.0004", b"1.2.3.4."] {
+        for bad in [
+            &b""[..],
+            b"1.2.3",
+            b"1.2.3.4.5",
+            b"1.2.3.256",
+            b"1..2.3",
+            b"a.b.c.d",
+            b"1.2.3.0004",
+            b"1.2.3.4.",
+        ] {
             assert_eq!(parse_ipv4(bad), None, "{}", String::from_utf8_lossy(bad));
         }
         assert_eq!(
@@ -261,7 +273,13 @@ mod tests {
         );
         assert_eq!(parse_cidr(b"1.2.3.4/32").unwrap().prefix, 32);
         assert_eq!(parse_cidr(b"1.2.3.4/0").unwrap().prefix, 0);
-        for bad in [&b"1.2.3.4/33"[..], b"1.2.3.4/", b"1.2.3.4/x", b"/24", b"1.2.3.4/024"] {
+        for bad in [
+            &b"1.2.3.4/33"[..],
+            b"1.2.3.4/",
+            b"1.2.3.4/x",
+            b"/24",
+            b"1.2.3.4/024",
+        ] {
             assert_eq!(parse_cidr(bad), None, "{}", String::from_utf8_lossy(bad));
         }
     }

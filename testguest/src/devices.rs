@@ -180,13 +180,7 @@ impl Machine {
     }
 }
 
-fn start_net(
-    dev: VirtioNet,
-    irq: u32,
-    config: &Config,
-    now: u64,
-    mem: &mut DeviceMemory,
-) -> Net {
+fn start_net(dev: VirtioNet, irq: u32, config: &Config, now: u64, mem: &mut DeviceMemory) -> Net {
     let mac = dev.mac();
     report::net_up(&mut Serial, 0, mac, config.ip, config.gw);
     let mut net = Net {

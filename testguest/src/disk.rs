@@ -33,7 +33,11 @@ const fn crc_table() -> [u32; 256] {
         let mut c = i as u32;
         let mut bit = 0;
         while bit < 8 {
-            c = if c & 1 != 0 { 0xedb8_8320 ^ (c >> 1) } else { c >> 1 };
+            c = if c & 1 != 0 {
+                0xedb8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
             bit += 1;
         }
         table[i] = c;
@@ -142,7 +146,11 @@ pub enum Outcome {
     Verified(u64),
     /// `disk error at record <k>: write status=<s>` (or read, or flush at
     /// record n)
-    IoError { record: u64, op: &'static str, status: u8 },
+    IoError {
+        record: u64,
+        op: &'static str,
+        status: u8,
+    },
     /// `disk error at record <k>: <what>`
     BadRecord { record: u64, error: RecordError },
 }
@@ -390,7 +398,11 @@ mod tests {
         for at in [8, 100, 507, 508, 511] {
             let mut bad = s;
             bad[at] ^= 0x40;
-            assert_eq!(verify_record(1, &bad), Err(RecordError::BadChecksum), "byte {at}");
+            assert_eq!(
+                verify_record(1, &bad),
+                Err(RecordError::BadChecksum),
+                "byte {at}"
+            );
         }
         // A record with a valid checksum but a foreign payload.
         let mut forged = s;
@@ -398,7 +410,10 @@ mod tests {
         let crc = crc32(&forged[..508]);
         forged[508..].copy_from_slice(&crc.to_le_bytes());
         assert_eq!(verify_record(1, &forged), Err(RecordError::BadPayload));
-        assert_eq!(verify_record(1, &[0; SECTOR_SIZE]), Err(RecordError::BadMagic));
+        assert_eq!(
+            verify_record(1, &[0; SECTOR_SIZE]),
+            Err(RecordError::BadMagic)
+        );
     }
 
     /// Runs a job against a simulated disk; returns the outcomes.
@@ -475,7 +490,11 @@ mod tests {
     #[test]
     fn read_only_disk_refuses_and_verifies_old_records() {
         let mut disk = vec![[0u8; SECTOR_SIZE]; 8];
-        run(&mut RecordJob::new(5, 8, false, false, true, 0), &mut disk, false);
+        run(
+            &mut RecordJob::new(5, 8, false, false, true, 0),
+            &mut disk,
+            false,
+        );
         let mut job = RecordJob::new(5, 8, true, true, true, 0);
         assert_eq!(
             run(&mut job, &mut disk, true),

@@ -28,7 +28,7 @@ pub const TCP_COUNTER_PORT: u16 = 8000;
 pub const UDP_COUNTER_PORT: u16 = 8001;
 
 /// Concurrent TCP echo connections.
-pub const ECHO_SOCKETS: usize = 4;
+pub const ECHO_SOCKETS: usize = 8;
 /// Concurrent TCP counter connections.
 pub const COUNTER_SOCKETS: usize = 4;
 /// Sockets in the socket set: echo, counter, one UDP.
@@ -36,7 +36,7 @@ pub const SOCKETS: usize = ECHO_SOCKETS + COUNTER_SOCKETS + 1;
 
 /// Receive and send buffer of each echo socket (the receive buffer is the
 /// advertised window).
-pub const ECHO_BUFFER: usize = 16 * 1024;
+pub const ECHO_BUFFER: usize = 8 * 1024;
 /// Receive and send buffer of each counter socket.
 pub const COUNTER_BUFFER: usize = 1024;
 /// UDP payload buffer, each direction, and datagrams queued.

@@ -343,7 +343,9 @@ mod tests {
     fn at_most_max_devices() {
         let mut line = Vec::new();
         for i in 0..MAX_DEVICES + 3 {
-            line.extend_from_slice(format!("virtio_mmio.device=4K@{:#x}:5 ", 0xd000_0000 + i * 0x1000).as_bytes());
+            line.extend_from_slice(
+                format!("virtio_mmio.device=4K@{:#x}:5 ", 0xd000_0000 + i * 0x1000).as_bytes(),
+            );
         }
         assert_eq!(MmioDevices::parse(&line).as_slice().len(), MAX_DEVICES);
     }
@@ -355,9 +357,16 @@ mod tests {
             negotiate(offered, feature::VERSION_1, feature::NET_MAC),
             Some(feature::VERSION_1 | feature::NET_MAC)
         );
-        assert_eq!(negotiate(feature::NET_MAC, feature::VERSION_1, feature::NET_MAC), None);
         assert_eq!(
-            negotiate(feature::VERSION_1, feature::VERSION_1, feature::BLK_RO | feature::BLK_FLUSH),
+            negotiate(feature::NET_MAC, feature::VERSION_1, feature::NET_MAC),
+            None
+        );
+        assert_eq!(
+            negotiate(
+                feature::VERSION_1,
+                feature::VERSION_1,
+                feature::BLK_RO | feature::BLK_FLUSH
+            ),
             Some(feature::VERSION_1)
         );
     }

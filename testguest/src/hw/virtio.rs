@@ -199,12 +199,26 @@ impl Queue {
         }
         let size = queue_size(mmio.read(reg::QUEUE_NUM_MAX), want).ok_or("queue unavailable")?;
         let layout = QueueLayout::new(size);
-        let base = mem.alloc(layout.bytes as u64).ok_or("out of device memory")?;
+        let base = mem
+            .alloc(layout.bytes as u64)
+            .ok_or("out of device memory")?;
         mmio.write(reg::QUEUE_NUM, u32::from(size));
         for (low, high, addr) in [
-            (reg::QUEUE_DESC_LOW, reg::QUEUE_DESC_HIGH, base + layout.desc as u64),
-            (reg::QUEUE_DRIVER_LOW, reg::QUEUE_DRIVER_HIGH, base + layout.avail as u64),
-            (reg::QUEUE_DEVICE_LOW, reg::QUEUE_DEVICE_HIGH, base + layout.used as u64),
+            (
+                reg::QUEUE_DESC_LOW,
+                reg::QUEUE_DESC_HIGH,
+                base + layout.desc as u64,
+            ),
+            (
+                reg::QUEUE_DRIVER_LOW,
+                reg::QUEUE_DRIVER_HIGH,
+                base + layout.avail as u64,
+            ),
+            (
+                reg::QUEUE_DEVICE_LOW,
+                reg::QUEUE_DEVICE_HIGH,
+                base + layout.used as u64,
+            ),
         ] {
             mmio.write(low, addr as u32);
             mmio.write(high, (addr >> 32) as u32);
@@ -443,7 +457,9 @@ impl phy::RxToken for NetRx<'_> {
         let len = self.len.clamp(NET_HDR, NET_BUFFER);
         // SAFETY: buffer `id` of the receive side, returned by the device
         // (it no longer writes it) and holding `len` <= NET_BUFFER bytes.
-        let frame = unsafe { core::slice::from_raw_parts((addr as usize + NET_HDR) as *const u8, len - NET_HDR) };
+        let frame = unsafe {
+            core::slice::from_raw_parts((addr as usize + NET_HDR) as *const u8, len - NET_HDR)
+        };
         let r = f(frame);
         self.rx.frames += 1;
         self.rx.queue.push_avail(self.id);
@@ -464,7 +480,8 @@ impl phy::TxToken for NetTx<'_> {
         let len = len.min(NET_BUFFER - NET_HDR);
         // SAFETY: buffer `id` is free (not with the device) and NET_BUFFER
         // bytes long.
-        let buffer = unsafe { core::slice::from_raw_parts_mut(addr as usize as *mut u8, NET_HDR + len) };
+        let buffer =
+            unsafe { core::slice::from_raw_parts_mut(addr as usize as *mut u8, NET_HDR + len) };
         buffer[..NET_HDR].fill(0);
         let r = f(&mut buffer[NET_HDR..]);
         tx.queue.set_desc(id, addr, (NET_HDR + len) as u32, 0, 0);

@@ -272,7 +272,9 @@ impl Net {
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 #[test]
@@ -294,7 +296,9 @@ fn tcp_echo_concurrent_connections() {
     let clients: Vec<_> = (0..ECHO_SOCKETS as u16)
         .map(|i| net.tcp_client(ECHO_PORT, 41000 + i))
         .collect();
-    let datas: Vec<_> = (0..ECHO_SOCKETS).map(|i| pattern(20_000, i as u8)).collect();
+    let datas: Vec<_> = (0..ECHO_SOCKETS)
+        .map(|i| pattern(20_000, i as u8))
+        .collect();
     // Interleave: everyone sends, then everyone reads.
     for (c, d) in clients.iter().zip(&datas) {
         net.csockets
@@ -350,7 +354,10 @@ fn tcp_counter_answers_each_line() {
         want.extend_from_slice(format!("{} {}\n", i + 1, 5 + i).as_bytes());
     }
     let back = net.exchange(b, &req, want.len());
-    assert_eq!(String::from_utf8(back).unwrap(), String::from_utf8(want).unwrap());
+    assert_eq!(
+        String::from_utf8(back).unwrap(),
+        String::from_utf8(want).unwrap()
+    );
     assert_eq!(net.guest.stats().tcp_requests, 504);
     net.close(a);
     net.close(b);
@@ -412,7 +419,10 @@ fn answers_arp_and_ping() {
     net.gwire
         .rx
         .push_back(ethernet([0xff; 6], EthernetProtocol::Arp, &buf));
-    assert!(net.guest.poll_frame(Instant::from_millis(1), &mut net.gwire));
+    assert!(
+        net.guest
+            .poll_frame(Instant::from_millis(1), &mut net.gwire)
+    );
     let reply = net.gwire.tx.pop().expect("ARP reply");
     let frame = EthernetFrame::new_checked(&reply[..]).unwrap();
     let arp = ArpRepr::parse(&ArpPacket::new_checked(frame.payload()).unwrap()).unwrap();
@@ -454,7 +464,10 @@ fn answers_arp_and_ping() {
     net.gwire
         .rx
         .push_back(ethernet(GUEST_MAC, EthernetProtocol::Ipv4, &packet));
-    assert!(net.guest.poll_frame(Instant::from_millis(2), &mut net.gwire));
+    assert!(
+        net.guest
+            .poll_frame(Instant::from_millis(2), &mut net.gwire)
+    );
     let reply = net.gwire.tx.pop().expect("echo reply");
     let frame = EthernetFrame::new_checked(&reply[..]).unwrap();
     assert_eq!(frame.dst_addr(), EthernetAddress(CLIENT_MAC));
@@ -500,7 +513,11 @@ fn session(step: i64) -> Vec<Vec<u8>> {
 fn assert_same_frames(a: &[Vec<u8>], b: &[Vec<u8>]) {
     for (i, (x, y)) in a.iter().zip(b).enumerate() {
         if x != y {
-            let at = x.iter().zip(y).position(|(p, q)| p != q).unwrap_or(x.len().min(y.len()));
+            let at = x
+                .iter()
+                .zip(y)
+                .position(|(p, q)| p != q)
+                .unwrap_or(x.len().min(y.len()));
             panic!(
                 "frame {i} differs at byte {at} (lengths {} and {}): {:02x?} vs {:02x?}",
                 x.len(),
@@ -535,8 +552,11 @@ fn guest_output_does_not_depend_on_frame_batching() {
         // Record what the client sends for a burst of data.
         let s = net.csockets.get_mut::<tcp::Socket>(e);
         s.send_slice(&pattern(8000, 1)).unwrap();
-        net.client
-            .poll(Instant::from_millis(net.now), &mut net.cwire, &mut net.csockets);
+        net.client.poll(
+            Instant::from_millis(net.now),
+            &mut net.cwire,
+            &mut net.csockets,
+        );
         net.cwire.tx.drain(..).collect()
     };
     assert!(client_frames.len() > 3);
@@ -549,7 +569,10 @@ fn guest_output_does_not_depend_on_frame_batching() {
         let mut out = Vec::new();
         if batched {
             n2.gwire.rx.extend(client_frames.iter().cloned());
-            while n2.guest.poll_frame(Instant::from_millis(5000), &mut n2.gwire) {}
+            while n2
+                .guest
+                .poll_frame(Instant::from_millis(5000), &mut n2.gwire)
+            {}
             out.append(&mut n2.gwire.tx);
         } else {
             for (i, f) in client_frames.iter().enumerate() {
