@@ -505,6 +505,80 @@ fn initrd_larger_than_memory() {
 }
 
 #[test]
+fn tap_missing() {
+    if !kvm_available() {
+        return;
+    }
+    // At most 15 bytes, or the command line rejects the name first.
+    let tap = "twvm-noexist0";
+    reject(
+        &["run", "--net", &format!("tap={tap}")],
+        FAILURE,
+        &["tap", tap, "does not exist"],
+    );
+}
+
+#[test]
+fn disk_missing() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("disk-missing");
+    let img = dir.path().join("no-such.img");
+    reject(
+        &["run", "--disk", path_str(&img)],
+        FAILURE,
+        &["disk", path_str(&img), "does not exist"],
+    );
+}
+
+#[test]
+fn disk_missing_via_config_names_resolved_path() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("disk-missing-cfg");
+    let cfg = dir.write("vm.toml", "[[disk]]\npath = \"images/data.img\"\n");
+    let resolved = dir.path().join("images/data.img");
+    reject(
+        &["run", "--config", path_str(&cfg)],
+        FAILURE,
+        &["disk", path_str(&resolved)],
+    );
+}
+
+#[test]
+fn disk_is_a_directory() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("disk-dir");
+    reject(
+        &["run", "--disk", path_str(dir.path())],
+        FAILURE,
+        &["disk", path_str(dir.path())],
+    );
+}
+
+#[test]
+fn disk_read_only_file_without_readonly() {
+    if !kvm_available() {
+        return;
+    }
+    // Root could open a mode 0444 file for writing anyway; the VMM takes a
+    // file without write permission as meant to be read-only and refuses to
+    // attach it writable.
+    let dir = TempDir::new("disk-ro");
+    let img = dir.write("ro.img", vec![0u8; 1 << 20]);
+    std::fs::set_permissions(&img, std::fs::Permissions::from_mode(0o444)).expect("chmod image");
+    reject(
+        &["run", "--disk", path_str(&img)],
+        FAILURE,
+        &["disk", path_str(&img), "not writable", "readonly"],
+    );
+}
+
+#[test]
 fn memory_more_than_the_host_has() {
     if !kvm_available() {
         return;
