@@ -11,7 +11,7 @@ use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config}
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::arch::x86_64::{boot, cpuid, msr, regs};
+use crate::arch::x86_64::{boot, cpuid, mptable, msr, regs};
 use crate::devices::legacy::{
     I8042, I8042_BASE, I8042_LEN, SERIAL_IRQ, SERIAL_PORT_BASE, SERIAL_PORT_LEN, SYSCTL_PORT,
     SerialDevice, SystemControl,
@@ -21,10 +21,6 @@ use crate::devices::{Bus, BusError, lock};
 use crate::memory::{DirtyBitmap, GuestMemoryMmap, GuestRam, MMIO_HOLE_START, MemoryError};
 use crate::vcpu::{Vcpu, VcpuCommand, VcpuError, VcpuHandle, VcpuState};
 use crate::{KernelSource, VmConfig, VmEvent, VmExit};
-
-/// Most vCPUs a VM may have: the MP table gives the IOAPIC the APIC ID
-/// after the last vCPU's, and 255 is the broadcast ID.
-const MAX_VCPUS: usize = 254;
 
 /// Where KVM's real-mode TSS goes (three pages just below the IOAPIC area).
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
@@ -72,6 +68,9 @@ pub enum Error {
     /// Loading the kernel, initrd or boot parameters failed.
     #[error(transparent)]
     Boot(#[from] boot::BootError),
+    /// The MP table could not be written.
+    #[error(transparent)]
+    Mptable(#[from] mptable::MptableError),
     /// Register setup failed.
     #[error(transparent)]
     Regs(#[from] regs::RegsError),
@@ -187,7 +186,7 @@ impl Vm {
                 return Err(Error::KvmCapability(name));
             }
         }
-        let limit = kvm.get_max_vcpus().min(MAX_VCPUS);
+        let limit = kvm.get_max_vcpus().min(usize::from(mptable::MAX_CPUS));
         if usize::from(config.vcpus) > limit {
             return Err(Error::TooManyCpus {
                 asked: config.vcpus,
@@ -230,7 +229,7 @@ impl Vm {
                 ram_size: config.memory_bytes,
             },
         )?;
-        // MPTABLE-PENDING mptable::setup_mptable(mem, config.vcpus)?;
+        mptable::setup_mptable(mem, config.vcpus)?;
         regs::setup_page_tables(mem, ram_end(config.memory_bytes))?;
 
         let (events_tx, events) = channel();

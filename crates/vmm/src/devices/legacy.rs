@@ -57,32 +57,36 @@ impl Trigger for EventTrigger {
 }
 
 /// The console UART.
-pub struct SerialDevice(
-    pub Serial<IrqTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
-);
+pub struct SerialDevice {
+    uart: Serial<IrqTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
+    output_failed: bool,
+}
 
 impl SerialDevice {
     /// A UART whose transmitted bytes go to `out` and whose interrupt
     /// signals `irq`.
     pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
-        SerialDevice(Serial::new(IrqTrigger(irq), out))
+        SerialDevice {
+            uart: Serial::new(IrqTrigger(irq), out),
+            output_failed: false,
+        }
     }
 
     /// Room left in the receive FIFO.
     pub fn input_capacity(&self) -> usize {
-        self.0.fifo_capacity()
+        self.uart.fifo_capacity()
     }
 
     /// Queues bytes the guest will receive; returns how many fitted.
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
-        self.0.enqueue_raw_bytes(bytes).unwrap_or(0)
+        self.uart.enqueue_raw_bytes(bytes).unwrap_or(0)
     }
 }
 
 impl BusDevice for SerialDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if let [byte] = data {
-            *byte = self.0.read(offset as u8);
+            *byte = self.uart.read(offset as u8);
         } else {
             data.fill(0xff);
         }
@@ -90,9 +94,13 @@ impl BusDevice for SerialDevice {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if let [byte] = data
-            && let Err(e) = self.0.write(offset as u8, *byte)
+            && let Err(e) = self.uart.write(offset as u8, *byte)
+            && !self.output_failed
         {
-            tracing::warn!("serial: {e}");
+            // Once the console's reader is gone (e.g. a closed pipe) every
+            // byte fails the same way: say it once, keep the guest running.
+            self.output_failed = true;
+            tracing::warn!("serial console output failed, further output is dropped: {e}");
         }
     }
 }

@@ -4,6 +4,6 @@
 pub mod boot;
 pub mod cpuid;
 pub mod layout;
-// mptable: pending
+pub mod mptable;
 pub mod msr;
 pub mod regs;
