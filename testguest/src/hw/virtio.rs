@@ -19,8 +19,8 @@ use smoltcp::phy::{self, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
 use testguest::disk::SECTOR_SIZE;
 use testguest::virtio::{
-    DESC_F_NEXT, DESC_F_WRITE, MAGIC, MmioDevice, QueueLayout, VERSION, feature, negotiate,
-    queue_size, reg, status,
+    DESC_F_NEXT, DESC_F_WRITE, INTERRUPT_CONFIG_CHANGE, INTERRUPT_USED_BUFFER, MAGIC, MmioDevice,
+    QueueLayout, VERSION, feature, negotiate, queue_size, reg, status,
 };
 
 /// Page size; queues and request areas take whole pages.
@@ -162,13 +162,14 @@ impl Mmio {
         self.write(reg::STATUS, status::FAILED);
     }
 
-    /// Reads and acknowledges the interrupt status.
-    pub fn ack_interrupt(&self) -> u32 {
-        let pending = self.read(reg::INTERRUPT_STATUS);
-        if pending != 0 {
-            self.write(reg::INTERRUPT_ACK, pending);
-        }
-        pending
+    /// Acknowledges the interrupt (both causes: the guest polls its queues
+    /// after this and has no use for configuration changes). Writing without
+    /// reading InterruptStatus first saves an exit to the VMM.
+    pub fn ack_interrupt(&self) {
+        self.write(
+            reg::INTERRUPT_ACK,
+            INTERRUPT_USED_BUFFER | INTERRUPT_CONFIG_CHANGE,
+        );
     }
 }
 
@@ -417,7 +418,7 @@ impl VirtioNet {
         (self.rx.frames, self.tx.frames)
     }
 
-    pub fn ack_interrupt(&self) -> u32 {
+    pub fn ack_interrupt(&self) {
         self.mmio.ack_interrupt()
     }
 
@@ -585,7 +586,7 @@ impl VirtioBlk {
         })
     }
 
-    pub fn ack_interrupt(&self) -> u32 {
+    pub fn ack_interrupt(&self) {
         self.mmio.ack_interrupt()
     }
 
