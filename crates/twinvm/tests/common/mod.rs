@@ -431,3 +431,120 @@ fn wait_with_timeout(child: &mut Child, timeout: Duration) -> std::io::Result<Op
         thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// A network namespace of the test's own with a tap device in it, the host
+/// side of the guest's network. Everything the test sends stays inside the
+/// namespace. Dropping it deletes the namespace, and with it the tap.
+pub struct NetNs {
+    name: String,
+    /// The tap device's name (inside the namespace).
+    pub tap: String,
+    /// The host's address on the tap (the guest is `GUEST_IP`).
+    pub host_ip: &'static str,
+}
+
+/// The guest's address in every [`NetNs`].
+pub const GUEST_IP: &str = "10.0.0.2";
+
+impl NetNs {
+    /// Creates namespace `twvm<tag>-<pid>-<n>` with tap `twtap0` at
+    /// 10.0.0.1/24.
+    pub fn new(tag: &str) -> NetNs {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let name = format!(
+            "twvm{tag}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let ns = NetNs {
+            name,
+            tap: "twtap0".into(),
+            host_ip: "10.0.0.1",
+        };
+        ns.ip(&["netns", "add", &ns.name]);
+        let steps: [&[&str]; 4] = [
+            &["tuntap", "add", "dev", &ns.tap, "mode", "tap"],
+            &["addr", "add", "10.0.0.1/24", "dev", &ns.tap],
+            &["link", "set", &ns.tap, "up"],
+            &["link", "set", "lo", "up"],
+        ];
+        for step in steps {
+            let mut args = vec!["-n", ns.name.as_str()];
+            args.extend_from_slice(step);
+            ns.ip(&args);
+        }
+        ns
+    }
+
+    fn ip(&self, args: &[&str]) {
+        let out = Command::new("ip")
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run ip (iproute2): {e}"));
+        assert!(
+            out.status.success(),
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A command that runs `program` inside the namespace.
+    pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).arg(program);
+        cmd
+    }
+
+    /// Starts `twinvm run` inside the namespace with the guest on the tap at
+    /// `GUEST_IP`; `extra` is appended to the arguments.
+    pub fn spawn_guest(&self, cmdline: &str, extra: &[&str]) -> Twinvm {
+        let mut cmd = self.command(twinvm_bin());
+        cmd.args(["run", "--net", &format!("tap={}", self.tap)])
+            .args(["--cmdline", &format!("ip={GUEST_IP}/24 {cmdline}")])
+            .args(extra);
+        Twinvm::spawn_command(cmd)
+    }
+
+    /// Runs `f` on a thread that has entered the namespace, so sockets it
+    /// opens live there.
+    pub fn run_in<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/var/run/netns/{}", self.name);
+        thread::spawn(move || {
+            let file =
+                std::fs::File::open(&path).unwrap_or_else(|e| panic!("cannot open {path}: {e}"));
+            // SAFETY: setns with a namespace fd we own; it changes only this
+            // thread's network namespace.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.name])
+            .status();
+    }
+}
+
+/// True if this process may create network namespaces and taps (root).
+/// Otherwise panics, unless `TWINVM_TESTS_SKIP_NET=1` is set: then notes the
+/// skip and returns false.
+pub fn netns_available() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var_os("TWINVM_TESTS_SKIP_NET").as_deref() == Some(OsStr::new("1")) {
+        eprintln!("SKIPPED: network tests need root (TWINVM_TESTS_SKIP_NET=1)");
+        return false;
+    }
+    panic!(
+        "network tests need root to create namespaces and taps; set TWINVM_TESTS_SKIP_NET=1 to skip them"
+    );
+}
