@@ -134,7 +134,8 @@ impl Machine {
     pub fn poll(&mut self, now_ms: u64, irqs: u32, ticked: bool) -> bool {
         let mut busy = false;
         if let Some(net) = &mut self.net {
-            if irqs & net.irq != 0 {
+            let interrupted = irqs & net.irq != 0;
+            if interrupted {
                 net.dev.ack_interrupt();
             }
             if let Some(stack) = &mut net.stack {
@@ -146,7 +147,9 @@ impl Machine {
                         break;
                     }
                 }
-                if ticked {
+                // Timers, and frames held back while the transmit queue was
+                // full (a completion interrupt frees it).
+                if ticked || interrupted {
                     stack.poll_timers(now, &mut net.dev);
                     net.dev.flush();
                 }
@@ -231,7 +234,6 @@ fn start_disk(mut dev: VirtioBlk, irq: u32, index: usize, config: &Config) -> Di
             break None;
         }
         wait_for_interrupt();
-        interrupts::take_irqs();
     };
     dev.ack_interrupt();
     let mut serial = [0u8; BLK_ID_BYTES];
