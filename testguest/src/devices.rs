@@ -96,7 +96,10 @@ impl Machine {
                         interrupts::unmask_irq(device.irq);
                         machine.net = Some(start_net(dev, irq, config, now, &mut mem));
                     }
-                    Err(problem) => report::device_error(&mut Serial, device.base, problem),
+                    Err(problem) => {
+                        mmio.fail();
+                        report::device_error(&mut Serial, device.base, problem);
+                    }
                 },
                 DEVICE_BLOCK if disks < MAX_DISKS => match VirtioBlk::new(mmio, &mut mem) {
                     Ok(dev) => {
@@ -105,7 +108,10 @@ impl Machine {
                         machine.disks[disks] = Some(disk);
                         disks += 1;
                     }
-                    Err(problem) => report::device_error(&mut Serial, device.base, problem),
+                    Err(problem) => {
+                        mmio.fail();
+                        report::device_error(&mut Serial, device.base, problem);
+                    }
                 },
                 DEVICE_NET | DEVICE_BLOCK => {
                     mmio.fail();

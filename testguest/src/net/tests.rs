@@ -310,7 +310,7 @@ fn tcp_echo_concurrent_connections() {
         let back = net.exchange(*c, &[], d.len());
         assert_eq!(&back, d);
     }
-    // A fifth connection gets refused while all echo sockets are busy.
+    // One connection more gets refused while all echo sockets are busy.
     let extra = net.csockets.add(tcp::Socket::new(
         tcp::SocketBuffer::new(buf(1024)),
         tcp::SocketBuffer::new(buf(1024)),
