@@ -43,6 +43,9 @@ const BUS_LEN: usize = 8;
 const IOAPIC_LEN: usize = 8;
 const IO_INTERRUPT_LEN: usize = 8;
 const LOCAL_INTERRUPT_LEN: usize = 8;
+/// Offsets of the checksum bytes in the floating pointer and the header.
+const FLOATING_POINTER_CHECKSUM: usize = 10;
+const HEADER_CHECKSUM: usize = 7;
 
 /// Number of ISA interrupt lines routed to the IOAPIC.
 const ISA_IRQS: u8 = 16;
@@ -191,7 +194,7 @@ fn build_mptable(num_cpus: u8) -> Result<Vec<u8>, MptableError> {
     t.push(0); // feature byte 2: IMCR absent, virtual wire mode
     t.extend_from_slice(&[0; 3]); // feature bytes 3-5, reserved
     debug_assert_eq!(t.len(), FLOATING_POINTER_LEN);
-    t[10] = checksum(&t[..FLOATING_POINTER_LEN]);
+    t[FLOATING_POINTER_CHECKSUM] = checksum(&t[..FLOATING_POINTER_LEN]);
 
     // Configuration table header.
     let ioapic_id = num_cpus;
@@ -259,7 +262,7 @@ fn build_mptable(num_cpus: u8) -> Result<Vec<u8>, MptableError> {
     }
 
     debug_assert_eq!(t.len(), len);
-    t[header + 7] = checksum(&t[header..]);
+    t[header + HEADER_CHECKSUM] = checksum(&t[header..]);
     Ok(t)
 }
 
