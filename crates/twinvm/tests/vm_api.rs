@@ -81,7 +81,7 @@ fn counter_of(line: &str) -> u64 {
         .unwrap_or_else(|| panic!("no counter in {line:?}"))
 }
 
-fn power_off(mut vm: Vm) {
+fn power_off(vm: Vm) {
     assert_eq!(
         vm.send_console_input(b"poweroff\n", Duration::from_secs(10)),
         9

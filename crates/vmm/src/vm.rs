@@ -143,13 +143,13 @@ fn host_memory() -> Option<u64> {
 pub struct Vm {
     // Field order is drop order: vCPU threads end before the VM fd closes,
     // and the VM fd closes before guest RAM is unmapped.
-    vcpus: Vec<VcpuHandle>,
+    vcpus: Mutex<Vec<VcpuHandle>>,
     // Device worker threads stop after the vCPUs (which reach the
     // transports through the MMIO bus) and before the VM fd closes.
     virtio: Vec<Arc<Mutex<MmioTransport>>>,
     serial: Arc<Mutex<SerialDevice>>,
     events_tx: Sender<VmEvent>,
-    events: Receiver<VmEvent>,
+    events: Mutex<Receiver<VmEvent>>,
     vm_fd: VmFd,
     ram: GuestRam,
     _kvm: Kvm,
@@ -289,11 +289,11 @@ impl Vm {
             spawn_console_input(input, serial.clone());
         }
         Ok(Vm {
-            vcpus: handles,
+            vcpus: Mutex::new(handles),
             virtio,
             serial,
             events_tx,
-            events,
+            events: Mutex::new(events),
             vm_fd,
             ram,
             _kvm: kvm,
@@ -301,10 +301,11 @@ impl Vm {
     }
 
     fn command_all(&self, command: VcpuCommand) -> Result<(), Error> {
-        for v in &self.vcpus {
+        let vcpus = lock(&self.vcpus);
+        for v in vcpus.iter() {
             v.send(command)?;
         }
-        for v in &self.vcpus {
+        for v in vcpus.iter() {
             v.wait_ack(command)?;
         }
         Ok(())
@@ -347,7 +348,7 @@ impl Vm {
 
     /// Number of vCPUs.
     pub fn vcpu_count(&self) -> usize {
-        self.vcpus.len()
+        lock(&self.vcpus).len()
     }
 
     /// Queues bytes for the guest's serial port, waiting (bounded by
@@ -368,10 +369,10 @@ impl Vm {
     }
 
     /// Waits until the guest ends or fails; stops every vCPU and device
-    /// worker thread.
-    pub fn wait(&mut self) -> Result<VmExit, Error> {
-        let event = self.events.recv().map_err(|_| Error::EventsClosed)?;
-        for v in &mut self.vcpus {
+    /// worker thread. The VM cannot run again afterwards.
+    pub fn wait(&self) -> Result<VmExit, Error> {
+        let event = lock(&self.events).recv().map_err(|_| Error::EventsClosed)?;
+        for v in lock(&self.vcpus).iter_mut() {
             v.exit();
         }
         for d in &self.virtio {
@@ -486,7 +487,16 @@ fn spawn_console_input(mut input: Box<dyn Read + Send>, serial: Arc<Mutex<Serial
 /// Builds the VM described by `config` with its console on stdin/stdout,
 /// runs it until the guest powers off, resets or fails.
 pub fn run(config: VmConfig) -> Result<VmExit, Error> {
-    let mut vm = Vm::new(&config, Console::stdio())?;
+    let vm = Vm::new(&config, Console::stdio())?;
     vm.start()?;
     vm.wait()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn vm_can_be_shared_between_threads() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<super::Vm>();
+    }
 }

@@ -107,7 +107,7 @@ fn a_guest_notification_reaches_the_disk_worker_through_kvm() {
         output: Box::new(std::io::sink()),
         input: None,
     };
-    let mut vm = Vm::new(&config, console).unwrap();
+    let vm = Vm::new(&config, console).unwrap();
     let mem = vm.memory().clone();
 
     // The device is announced on the command line, before the user's words.
