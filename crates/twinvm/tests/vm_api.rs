@@ -178,3 +178,127 @@ fn vmm_writes_into_guest_memory_are_dirty() {
     vm.resume().expect("resume");
     power_off(vm);
 }
+
+/// A copy of all guest RAM, region by region.
+fn copy_ram(vm: &Vm) -> Vec<(vm_memory::GuestAddress, Vec<u8>)> {
+    use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+    vm.memory()
+        .iter()
+        .map(|r| {
+            let mut buf = vec![0u8; r.len() as usize];
+            vm.memory()
+                .read_slice(&mut buf, r.start_addr())
+                .expect("read RAM");
+            (r.start_addr(), buf)
+        })
+        .collect()
+}
+
+fn write_ram(vm: &Vm, ram: &[(vm_memory::GuestAddress, Vec<u8>)]) {
+    use vm_memory::Bytes;
+    for (addr, bytes) in ram {
+        vm.memory().write_slice(bytes, *addr).expect("write RAM");
+    }
+}
+
+/// The last `counter=` value printed before now (draining the console).
+fn last_counter(rx: &Receiver<String>) -> Option<u64> {
+    rx.try_iter()
+        .filter(|l| l.starts_with("counter="))
+        .map(|l| counter_of(&l))
+        .last()
+}
+
+#[test]
+fn machine_state_loads_again_and_again_into_the_same_vm() {
+    if !common::kvm_available() {
+        return;
+    }
+    let (vm, rx) = boot("dirty_rate=500");
+    wait_line(
+        &rx,
+        |l| l == "TWINVM TESTGUEST READY",
+        Duration::from_secs(30),
+    );
+    let mut seen_a = counter_of(&wait_line(
+        &rx,
+        |l| l.starts_with("counter="),
+        Duration::from_secs(30),
+    ));
+
+    // State A: machine state and RAM.
+    vm.pause().expect("pause");
+    seen_a = last_counter(&rx).unwrap_or(seen_a);
+    let state_a = vm.save_machine_state().expect("save A");
+    assert_eq!(state_a.vcpus.len(), 1);
+    let ram_a = copy_ram(&vm);
+    vm.resume().expect("resume");
+
+    // Let the guest run on for at least 3 more counter lines.
+    for _ in 0..3 {
+        wait_line(&rx, |l| l.starts_with("counter="), Duration::from_secs(30));
+    }
+    vm.pause().expect("pause");
+    let seen_b = last_counter(&rx).unwrap_or(0).max(seen_a + 300);
+    let state_b = vm.save_machine_state().expect("save B");
+    let ram_b = copy_ram(&vm);
+    // Saving is repeatable: the same paused VM gives the same registers.
+    let again = vm.save_machine_state().expect("save B again");
+    assert_eq!(again.vcpus[0].regs.rip, state_b.vcpus[0].regs.rip);
+
+    // Back to A: the guest continues from A's counter, not B's.
+    write_ram(&vm, &ram_a);
+    vm.load_machine_state(state_a).expect("load A");
+    vm.resume().expect("resume");
+    let after_a = counter_of(&wait_line(
+        &rx,
+        |l| l.starts_with("counter="),
+        Duration::from_secs(30),
+    ));
+    assert!(
+        after_a > seen_a && after_a <= seen_a + 200 && after_a < seen_b,
+        "after loading A (last seen {seen_a}) the guest printed {after_a}; B was at {seen_b}"
+    );
+
+    // Forward to B, into the same VM objects again.
+    vm.pause().expect("pause");
+    while rx.try_recv().is_ok() {}
+    write_ram(&vm, &ram_b);
+    vm.load_machine_state(state_b).expect("load B");
+    vm.resume().expect("resume");
+    let after_b = counter_of(&wait_line(
+        &rx,
+        |l| l.starts_with("counter="),
+        Duration::from_secs(30),
+    ));
+    assert!(
+        after_b > seen_b - 100 && after_b <= seen_b + 200,
+        "after loading B (at {seen_b}) the guest printed {after_b}"
+    );
+    power_off(vm);
+}
+
+#[test]
+fn machine_state_needs_a_paused_vm() {
+    if !common::kvm_available() {
+        return;
+    }
+    let (vm, rx) = boot("");
+    wait_line(
+        &rx,
+        |l| l == "TWINVM TESTGUEST READY",
+        Duration::from_secs(30),
+    );
+    assert!(matches!(
+        vm.save_machine_state(),
+        Err(vmm::Error::NotPaused)
+    ));
+    vm.pause().expect("pause");
+    let state = vm.save_machine_state().expect("save");
+    vm.resume().expect("resume");
+    assert!(matches!(
+        vm.load_machine_state(state),
+        Err(vmm::Error::NotPaused)
+    ));
+    power_off(vm);
+}

@@ -8,7 +8,7 @@ pub mod memory;
 pub mod vcpu;
 pub mod vm;
 
-pub use vm::{Console, Error, Vm, run};
+pub use vm::{Console, Error, MachineState, Vm, run};
 
 use std::path::PathBuf;
 

@@ -25,6 +25,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
 use crate::VmEvent;
+use crate::arch::x86_64::state::{StateError, VcpuSnapshot, load_vcpu, save_vcpu};
 use crate::devices::Bus;
 use crate::memory::GuestMemoryMmap;
 
@@ -68,8 +69,8 @@ pub enum VcpuError {
     #[error("cannot kick vCPU {0}")]
     Kick(u8, #[source] vmm_sys_util::errno::Error),
     /// The thread did not answer in time.
-    #[error("vCPU {0} did not acknowledge a {1:?} request")]
-    NoAck(u8, VcpuCommand),
+    #[error("vCPU {0} did not answer a {1} request")]
+    NoAck(u8, &'static str),
 }
 
 /// Installs the kick signal handler (idempotent).
@@ -116,6 +117,44 @@ pub fn transition(state: VcpuState, command: VcpuCommand) -> VcpuState {
     }
 }
 
+/// A request to a vCPU thread: a state-machine command, or reading or
+/// writing the vCPU's state (done between `KVM_RUN`s, on the thread that
+/// owns the vCPU; the controller pauses the vCPU first).
+#[derive(Debug)]
+pub enum VcpuRequest {
+    /// Change state.
+    Command(VcpuCommand),
+    /// Read the vCPU's state.
+    SaveState,
+    /// Write the vCPU's state.
+    LoadState(Box<VcpuSnapshot>),
+}
+
+impl VcpuRequest {
+    fn name(&self) -> &'static str {
+        match self {
+            VcpuRequest::Command(VcpuCommand::Pause) => "pause",
+            VcpuRequest::Command(VcpuCommand::Resume) => "resume",
+            VcpuRequest::Command(VcpuCommand::Exit) => "exit",
+            VcpuRequest::SaveState => "save-state",
+            VcpuRequest::LoadState(_) => "load-state",
+        }
+    }
+}
+
+/// A vCPU thread's answer to a [`VcpuRequest`].
+#[derive(Debug)]
+pub enum VcpuReply {
+    /// The state after a command.
+    State(VcpuState),
+    /// The vCPU's state.
+    Saved(Box<VcpuSnapshot>),
+    /// The state was written.
+    Loaded,
+    /// Reading or writing the state failed.
+    Failed(StateError),
+}
+
 /// What one exit from `KVM_RUN` means for the loop.
 enum Step {
     Continue,
@@ -131,6 +170,7 @@ pub struct Vcpu {
     mmio: Arc<Bus>,
     memory: GuestMemoryMmap,
     events: Sender<VmEvent>,
+    msr_list: Vec<u32>,
 }
 
 impl Vcpu {
@@ -142,6 +182,7 @@ impl Vcpu {
         mmio: Arc<Bus>,
         memory: GuestMemoryMmap,
         events: Sender<VmEvent>,
+        msr_list: Vec<u32>,
     ) -> Self {
         Vcpu {
             index,
@@ -150,6 +191,7 @@ impl Vcpu {
             mmio,
             memory,
             events,
+            msr_list,
         }
     }
 
@@ -174,17 +216,16 @@ impl Vcpu {
     fn thread_main(
         mut self,
         mut state: VcpuState,
-        commands: Receiver<VcpuCommand>,
-        acks: Sender<VcpuState>,
+        commands: Receiver<VcpuRequest>,
+        acks: Sender<VcpuReply>,
     ) {
         KVM_RUN.with(|c| c.set(self.fd.get_kvm_run()));
         loop {
             match state {
                 VcpuState::Running => {
                     // Commands that arrived while serving the previous exit.
-                    if let Ok(cmd) = commands.try_recv() {
-                        state = transition(state, cmd);
-                        let _ = acks.send(state);
+                    if let Ok(request) = commands.try_recv() {
+                        let _ = acks.send(self.handle(request, &mut state));
                         continue;
                     }
                     match self.run_once() {
@@ -197,9 +238,8 @@ impl Vcpu {
                     }
                 }
                 VcpuState::Paused | VcpuState::Stopped => match commands.recv() {
-                    Ok(cmd) => {
-                        state = transition(state, cmd);
-                        let _ = acks.send(state);
+                    Ok(request) => {
+                        let _ = acks.send(self.handle(request, &mut state));
                     }
                     Err(_) => state = VcpuState::Exiting,
                 },
@@ -207,6 +247,23 @@ impl Vcpu {
             }
         }
         KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
+    }
+
+    fn handle(&mut self, request: VcpuRequest, state: &mut VcpuState) -> VcpuReply {
+        match request {
+            VcpuRequest::Command(cmd) => {
+                *state = transition(*state, cmd);
+                VcpuReply::State(*state)
+            }
+            VcpuRequest::SaveState => match save_vcpu(&self.fd, &self.msr_list) {
+                Ok(s) => VcpuReply::Saved(Box::new(s)),
+                Err(e) => VcpuReply::Failed(e),
+            },
+            VcpuRequest::LoadState(s) => match load_vcpu(&self.fd, &s) {
+                Ok(()) => VcpuReply::Loaded,
+                Err(e) => VcpuReply::Failed(e),
+            },
+        }
     }
 
     fn run_once(&mut self) -> Step {
@@ -314,8 +371,8 @@ impl Vcpu {
 /// The controller's side of a vCPU thread.
 pub struct VcpuHandle {
     index: u8,
-    commands: Sender<VcpuCommand>,
-    acks: Receiver<VcpuState>,
+    commands: Sender<VcpuRequest>,
+    acks: Receiver<VcpuReply>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -325,9 +382,9 @@ impl VcpuHandle {
         self.index
     }
 
-    /// Sends `command` and kicks the thread out of `KVM_RUN`.
-    pub fn send(&self, command: VcpuCommand) -> Result<(), VcpuError> {
-        if self.commands.send(command).is_err() {
+    /// Sends `request` and kicks the thread out of `KVM_RUN`.
+    pub fn send(&self, request: VcpuRequest) -> Result<(), VcpuError> {
+        if self.commands.send(request).is_err() {
             // The thread is gone; nothing left to command.
             return Ok(());
         }
@@ -340,17 +397,24 @@ impl VcpuHandle {
         Ok(())
     }
 
-    /// Waits for the thread to acknowledge the last command; returns its new
-    /// state.
-    pub fn wait_ack(&self, command: VcpuCommand) -> Result<VcpuState, VcpuError> {
+    /// Waits for the thread's answer to the last request (`what` names it
+    /// in errors).
+    pub fn wait_reply(&self, what: &'static str) -> Result<VcpuReply, VcpuError> {
         self.acks
             .recv_timeout(ACK_TIMEOUT)
-            .map_err(|_| VcpuError::NoAck(self.index, command))
+            .map_err(|_| VcpuError::NoAck(self.index, what))
+    }
+
+    /// Sends `request` and waits for the answer.
+    pub fn request(&self, request: VcpuRequest) -> Result<VcpuReply, VcpuError> {
+        let what = request.name();
+        self.send(request)?;
+        self.wait_reply(what)
     }
 
     /// Ends the thread and waits for it.
     pub fn exit(&mut self) {
-        let _ = self.send(VcpuCommand::Exit);
+        let _ = self.send(VcpuRequest::Command(VcpuCommand::Exit));
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

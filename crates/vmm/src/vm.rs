@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::io::{Cursor, Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -11,6 +12,7 @@ use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config}
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::arch::x86_64::state::{self, VcpuSnapshot, VmArchSnapshot};
 use crate::arch::x86_64::{boot, cpuid, mptable, msr, regs};
 use crate::devices::legacy::{
     I8042, I8042_BASE, I8042_LEN, SERIAL_IRQ, SERIAL_PORT_BASE, SERIAL_PORT_LEN, SYSCTL_PORT,
@@ -19,7 +21,7 @@ use crate::devices::legacy::{
 use crate::devices::virtio::{self, MmioTransport, VirtioDevice};
 use crate::devices::{Bus, BusError, lock};
 use crate::memory::{DirtyBitmap, GuestMemoryMmap, GuestRam, MMIO_HOLE_START, MemoryError};
-use crate::vcpu::{Vcpu, VcpuCommand, VcpuError, VcpuHandle, VcpuState};
+use crate::vcpu::{Vcpu, VcpuCommand, VcpuError, VcpuHandle, VcpuReply, VcpuRequest, VcpuState};
 use crate::{KernelSource, VmConfig, VmEvent, VmExit};
 
 /// Where KVM's real-mode TSS goes (three pages just below the IOAPIC area).
@@ -95,9 +97,37 @@ pub enum Error {
     /// The guest stopped in a way it cannot continue from.
     #[error("guest crashed: {0}")]
     GuestCrash(String),
+    /// Machine state can only be read or written while the VM is paused.
+    #[error("the VM must be paused to read or write its machine state")]
+    NotPaused,
+    /// A machine state of a VM with another vCPU count.
+    #[error("the saved state has {saved} vCPUs, this VM has {here}")]
+    VcpuCountMismatch {
+        /// vCPUs in the state.
+        saved: usize,
+        /// vCPUs here.
+        here: usize,
+    },
+    /// Reading or writing machine state failed (vCPU index, or 255 for the
+    /// VM-wide part).
+    #[error("machine state of {}", if *.0 == u8::MAX { "the VM".to_string() } else { format!("vCPU {}", .0) })]
+    State(u8, #[source] state::StateError),
+    /// A vCPU thread answered out of turn (internal error).
+    #[error("unexpected vCPU reply {0}")]
+    UnexpectedReply(String),
     /// All event senders are gone (internal error).
     #[error("the VM's event channel closed unexpectedly")]
     EventsClosed,
+}
+
+/// The machine state KVM holds for a VM: VM-wide in-kernel devices and
+/// clock, then each vCPU in index order.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct MachineState {
+    /// PIC, IOAPIC, PIT and kvmclock.
+    pub arch: VmArchSnapshot,
+    /// One entry per vCPU.
+    pub vcpus: Vec<VcpuSnapshot>,
 }
 
 /// Where the serial console's bytes go and come from.
@@ -144,6 +174,7 @@ pub struct Vm {
     // Field order is drop order: vCPU threads end before the VM fd closes,
     // and the VM fd closes before guest RAM is unmapped.
     vcpus: Mutex<Vec<VcpuHandle>>,
+    paused: AtomicBool,
     // Device worker threads stop after the vCPUs (which reach the
     // transports through the MMIO bus) and before the VM fd closes.
     virtio: Vec<Arc<Mutex<MmioTransport>>>,
@@ -258,6 +289,10 @@ impl Vm {
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| Error::Kvm("read KVM's supported CPUID", e))?;
+        let msr_candidates = kvm
+            .get_msr_index_list()
+            .map_err(|e| Error::Kvm("read KVM's MSR list", e))?;
+        let mut msr_list = None;
         let mut vcpus = Vec::new();
         let mut handles = Vec::new();
         for index in 0..config.vcpus {
@@ -273,6 +308,11 @@ impl Vm {
             if index == 0 {
                 regs::setup_boot_vcpu(&fd, mem, kernel.entry)?;
             }
+            // Every vCPU has the same CPUID features, so the MSRs readable
+            // on the first are readable on all.
+            let msrs = msr_list
+                .get_or_insert_with(|| state::readable_msrs(&fd, msr_candidates.as_slice()))
+                .clone();
             vcpus.push(Vcpu::new(
                 index,
                 fd,
@@ -280,6 +320,7 @@ impl Vm {
                 mmio.clone(),
                 mem.clone(),
                 events_tx.clone(),
+                msrs,
             ));
         }
         for vcpu in vcpus {
@@ -290,6 +331,7 @@ impl Vm {
         }
         Ok(Vm {
             vcpus: Mutex::new(handles),
+            paused: AtomicBool::new(true),
             virtio,
             serial,
             events_tx,
@@ -303,10 +345,58 @@ impl Vm {
     fn command_all(&self, command: VcpuCommand) -> Result<(), Error> {
         let vcpus = lock(&self.vcpus);
         for v in vcpus.iter() {
-            v.send(command)?;
+            v.send(VcpuRequest::Command(command))?;
         }
         for v in vcpus.iter() {
-            v.wait_ack(command)?;
+            v.wait_reply("state change")?;
+        }
+        Ok(())
+    }
+
+    /// Whether the VM is paused (or not yet started).
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+
+    /// Reads the machine state KVM holds — every vCPU, the in-kernel
+    /// interrupt controllers, PIT and clock. The VM must be paused.
+    pub fn save_machine_state(&self) -> Result<MachineState, Error> {
+        if !self.is_paused() {
+            return Err(Error::NotPaused);
+        }
+        let arch = state::save_vm(&self.vm_fd).map_err(|e| Error::State(u8::MAX, e))?;
+        let mut vcpus = Vec::new();
+        for v in lock(&self.vcpus).iter() {
+            match v.request(VcpuRequest::SaveState)? {
+                VcpuReply::Saved(s) => vcpus.push(*s),
+                VcpuReply::Failed(e) => return Err(Error::State(v.index(), e)),
+                other => return Err(Error::UnexpectedReply(format!("{other:?}"))),
+            }
+        }
+        Ok(MachineState { arch, vcpus })
+    }
+
+    /// Writes a machine state into this VM's existing KVM objects. The VM
+    /// must be paused, and the state must come from a VM with as many
+    /// vCPUs.
+    pub fn load_machine_state(&self, state: MachineState) -> Result<(), Error> {
+        if !self.is_paused() {
+            return Err(Error::NotPaused);
+        }
+        let vcpus = lock(&self.vcpus);
+        if state.vcpus.len() != vcpus.len() {
+            return Err(Error::VcpuCountMismatch {
+                saved: state.vcpus.len(),
+                here: vcpus.len(),
+            });
+        }
+        state::load_vm(&self.vm_fd, &state.arch).map_err(|e| Error::State(u8::MAX, e))?;
+        for (v, s) in vcpus.iter().zip(state.vcpus) {
+            match v.request(VcpuRequest::LoadState(Box::new(s)))? {
+                VcpuReply::Loaded => {}
+                VcpuReply::Failed(e) => return Err(Error::State(v.index(), e)),
+                other => return Err(Error::UnexpectedReply(format!("{other:?}"))),
+            }
         }
         Ok(())
     }
@@ -316,7 +406,9 @@ impl Vm {
         for d in &self.virtio {
             lock(d).resume();
         }
-        self.command_all(VcpuCommand::Resume)
+        self.command_all(VcpuCommand::Resume)?;
+        self.paused.store(false, Ordering::SeqCst);
+        Ok(())
     }
 
     /// Starts the guest. Same as [`Vm::resume`].
@@ -333,6 +425,7 @@ impl Vm {
         for d in &self.virtio {
             lock(d).pause();
         }
+        self.paused.store(true, Ordering::SeqCst);
         Ok(())
     }
 

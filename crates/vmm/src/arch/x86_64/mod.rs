@@ -7,3 +7,4 @@ pub mod layout;
 pub mod mptable;
 pub mod msr;
 pub mod regs;
+pub mod state;
