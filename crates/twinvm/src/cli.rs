@@ -1,4 +1,5 @@
-//! The command line: `twinvm run [OPTIONS]`.
+//! The command line: `twinvm run [OPTIONS]` and `twinvm ctl --socket PATH
+//! ACTION`.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -23,6 +24,7 @@ impl Cli {
     pub fn validate(&self) -> Result<(), devices::Error> {
         match &self.command {
             Command::Run(args) => args.validate(),
+            Command::Ctl(_) => Ok(()),
         }
     }
 }
@@ -35,6 +37,33 @@ pub enum Command {
     /// The guest's serial console is connected to stdin/stdout; logs go to
     /// stderr (filter with TWINVM_LOG, default "warn").
     Run(RunArgs),
+    /// Control a running VM through its API socket (see `run --api-socket`).
+    Ctl(CtlArgs),
+}
+
+/// Options of `twinvm ctl`.
+#[derive(Debug, Clone, Args)]
+pub struct CtlArgs {
+    /// The VM's API socket (`twinvm run --api-socket PATH`).
+    #[arg(long, value_name = "PATH", value_parser = OsStringValueParser::new().try_map(parse_path_arg))]
+    pub socket: PathBuf,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub action: CtlAction,
+}
+
+/// What `twinvm ctl` asks of the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
+pub enum CtlAction {
+    /// Print the VM's status as JSON: state, uptime, vCPUs, memory, devices.
+    Status,
+    /// Pause the VM (no-op if paused).
+    Pause,
+    /// Resume a paused VM (no-op if running).
+    Resume,
+    /// Power the VM off; `twinvm run` then exits with status 0.
+    Stop,
 }
 
 /// Options of `twinvm run`. Each one overrides the same setting in the
@@ -83,6 +112,11 @@ pub struct RunArgs {
     )]
     pub disk: Vec<vmm::DiskConfig>,
 
+    /// Serve the control API on a Unix socket at PATH, created with mode
+    /// 0600 and removed when the VM ends (see `twinvm ctl`).
+    #[arg(long, value_name = "PATH", value_parser = OsStringValueParser::new().try_map(parse_path_arg))]
+    pub api_socket: Option<PathBuf>,
+
     /// TOML config file; relative paths in it are relative to its directory.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -104,6 +138,14 @@ fn parse_net_arg(s: &str) -> Result<vmm::NetConfig, devices::Error> {
 
 fn parse_disk_arg(s: OsString) -> Result<vmm::DiskConfig, devices::Error> {
     devices::parse_disk(&s)
+}
+
+fn parse_path_arg(s: OsString) -> Result<PathBuf, String> {
+    if s.is_empty() {
+        Err("the path is empty".into())
+    } else {
+        Ok(PathBuf::from(s))
+    }
 }
 
 fn parse_memory_arg(s: &str) -> Result<u64, size::Error> {
@@ -159,6 +201,15 @@ mod tests {
         let argv = std::iter::once("twinvm").chain(args.iter().copied());
         Cli::try_parse_from(argv).map(|cli| match cli.command {
             Command::Run(run) => run,
+            Command::Ctl(_) => panic!("not a run command"),
+        })
+    }
+
+    fn parse_ctl(args: &[&str]) -> Result<CtlArgs, clap::Error> {
+        let argv = ["twinvm", "ctl"].into_iter().chain(args.iter().copied());
+        Cli::try_parse_from(argv).map(|cli| match cli.command {
+            Command::Ctl(ctl) => ctl,
+            Command::Run(_) => panic!("not a ctl command"),
         })
     }
 
@@ -189,6 +240,8 @@ mod tests {
             "root.img,readonly,serial=root",
             "--disk",
             "/data.img",
+            "--api-socket",
+            "/run/vm.sock",
             "--config",
             "vm.toml",
         ])
@@ -199,6 +252,7 @@ mod tests {
         assert_eq!(a.memory, Some(1 << 30));
         assert_eq!(a.cpus, Some(4));
         assert_eq!(a.config, Some(PathBuf::from("vm.toml")));
+        assert_eq!(a.api_socket, Some(PathBuf::from("/run/vm.sock")));
         assert_eq!(
             a.net,
             [
@@ -342,5 +396,41 @@ mod tests {
         );
         assert!(!msg.contains('\n'));
         assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn empty_api_socket_is_rejected() {
+        let err = parse(&["run", "--api-socket", ""]).expect_err("empty path");
+        let msg = one_line_message(&err);
+        assert!(msg.contains("--api-socket"), "{msg}");
+        assert!(msg.contains("empty"), "{msg}");
+    }
+
+    #[test]
+    fn ctl_actions_parse() {
+        for (word, action) in [
+            ("status", CtlAction::Status),
+            ("pause", CtlAction::Pause),
+            ("resume", CtlAction::Resume),
+            ("stop", CtlAction::Stop),
+        ] {
+            let a = parse_ctl(&["--socket", "/tmp/s", word]).expect(word);
+            assert_eq!(a.socket, PathBuf::from("/tmp/s"));
+            assert_eq!(a.action, action);
+        }
+    }
+
+    #[test]
+    fn ctl_needs_a_socket_and_a_known_action() {
+        for args in [
+            &["status"][..],
+            &["--socket", "/tmp/s"],
+            &["--socket", "/tmp/s", "reboot"],
+            &["--socket", "", "status"],
+        ] {
+            let err = parse_ctl(args).expect_err(&args.join(" "));
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+            assert!(!one_line_message(&err).contains('\n'));
+        }
     }
 }

@@ -17,13 +17,15 @@
 //! path = "disk.img"
 //! readonly = false             # optional
 //! serial = "data0"             # optional
+//!
+//! [api]
+//! socket = "vm.sock"           # the control API's Unix socket
 //! ```
 //!
 //! Every table rejects unknown keys, so a typo is an error that names the
 //! key. Every key is optional except `net.tap` and `disk.path`. Relative
 //! paths are resolved against the directory of the config file. Later
-//! sections (`[replication]`, `[api]`) become further fields of
-//! [`ConfigFile`].
+//! sections (`[replication]`) become further fields of [`ConfigFile`].
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -114,6 +116,17 @@ pub struct ConfigFile {
     /// `[[disk]]`: disks, in order.
     #[serde(default, rename = "disk", deserialize_with = "disk_tables")]
     pub disks: Vec<DiskSection>,
+    /// `[api]`: the control API.
+    #[serde(default)]
+    pub api: ApiSection,
+}
+
+/// The `[api]` table. The path is resolved once the file is loaded.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSection {
+    /// The Unix socket to serve the control API on.
+    pub socket: Option<PathBuf>,
 }
 
 fn net_tables<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<NetSection>, D::Error> {
@@ -345,7 +358,11 @@ impl ConfigFile {
         let base = path.parent().unwrap_or(Path::new(""));
         let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
         let vm = &mut file.vm;
-        for (key, slot) in [("vm.kernel", &mut vm.kernel), ("vm.initrd", &mut vm.initrd)] {
+        for (key, slot) in [
+            ("vm.kernel", &mut vm.kernel),
+            ("vm.initrd", &mut vm.initrd),
+            ("api.socket", &mut file.api.socket),
+        ] {
             if let Some(p) = slot.take() {
                 if p.as_os_str().is_empty() {
                     return Err(Error::EmptyPath {
@@ -442,15 +459,28 @@ fn one_line(s: &str) -> String {
         .join("; ")
 }
 
-/// Builds the VM configuration: command-line flags override the config file
+/// Everything `twinvm run` needs to know.
+#[derive(Debug)]
+pub struct Settings {
+    /// The VM.
+    pub vm: vmm::VmConfig,
+    /// Where to serve the control API, if anywhere.
+    pub api_socket: Option<PathBuf>,
+}
+
+/// Builds the settings: command-line flags override the config file
 /// (`args.config`, if any), which overrides the defaults. Without a kernel,
 /// `bundled_guest` (the test guest) is booted.
-pub fn vm_config(args: &RunArgs, bundled_guest: &'static [u8]) -> Result<vmm::VmConfig, Error> {
-    let file = match &args.config {
+pub fn settings(args: &RunArgs, bundled_guest: &'static [u8]) -> Result<Settings, Error> {
+    let mut file = match &args.config {
         Some(path) => ConfigFile::load(path)?,
         None => ConfigFile::default(),
     };
-    merge(file, args, bundled_guest)
+    let api_socket = args.api_socket.clone().or(file.api.socket.take());
+    Ok(Settings {
+        vm: merge(file, args, bundled_guest)?,
+        api_socket,
+    })
 }
 
 /// Merges an already loaded config file with the command line. Single
@@ -466,6 +496,7 @@ pub fn merge(
         vm: file,
         net: file_net,
         disks: file_disks,
+        api: _,
     } = file;
     let kernel = match args.kernel.clone().or(file.kernel) {
         Some(path) => vmm::KernelSource::File(path),
@@ -674,6 +705,7 @@ mod tests {
             cpus: Some(3),
             net: Vec::new(),
             disk: Vec::new(),
+            api_socket: None,
             config: None,
         };
         let c = merge(file, &args, GUEST).expect("merge");
@@ -711,7 +743,7 @@ mod tests {
             config: Some("/nonexistent/twinvm/vm.toml".into()),
             ..RunArgs::default()
         };
-        let err = vm_config(&args, GUEST).expect_err("missing file");
+        let err = settings(&args, GUEST).expect_err("missing file");
         assert!(matches!(err, Error::Read { .. }));
         assert_eq!(
             err.to_string(),
@@ -916,5 +948,47 @@ mod tests {
         assert_eq!(line_column(text, 3), (2, 1));
         assert_eq!(line_column(text, 5), (2, 2));
         assert_eq!(line_column(text, 999), (3, 1));
+    }
+
+    #[test]
+    fn api_socket_follows_the_config_file_and_the_flag_wins() {
+        let f = ConfigFile::parse(
+            "[api]\nsocket = \"run/vm.sock\"\n",
+            Path::new("/srv/vm/vm.toml"),
+        )
+        .expect("valid");
+        assert_eq!(f.api.socket, Some(PathBuf::from("/srv/vm/run/vm.sock")));
+        let f = parse("[api]\nsocket = \"/abs.sock\"\n").expect("valid");
+        assert_eq!(f.api.socket, Some(PathBuf::from("/abs.sock")));
+
+        let dir = std::env::temp_dir().join(format!("twinvm-cfg-api-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let cfg = dir.join("vm.toml");
+        std::fs::write(&cfg, "[api]\nsocket = \"vm.sock\"\n").expect("write config");
+        let mut args = RunArgs {
+            config: Some(cfg.clone()),
+            ..RunArgs::default()
+        };
+        let s = settings(&args, GUEST).expect("settings");
+        assert_eq!(s.api_socket, Some(dir.join("vm.sock")));
+        args.api_socket = Some("/flag.sock".into());
+        let s = settings(&args, GUEST).expect("settings");
+        assert_eq!(s.api_socket, Some(PathBuf::from("/flag.sock")));
+        let _ = std::fs::remove_dir_all(&dir);
+
+        let s = settings(&RunArgs::default(), GUEST).expect("settings");
+        assert_eq!(s.api_socket, None);
+    }
+
+    #[test]
+    fn bad_api_tables_are_rejected() {
+        for (text, want) in [
+            ("[api]\nsocket = \"\"\n", "`api.socket` must not be empty"),
+            ("[api]\nsocket = 1\n", "invalid type"),
+            ("[api]\nport = 80\n", "unknown field `port`"),
+        ] {
+            let msg = parse_err(text);
+            assert!(msg.contains(want), "{text}: {msg}");
+        }
     }
 }

@@ -1,17 +1,22 @@
 //! `twinvm`: the command-line front end of the twinvm VMM.
 //!
-//! stdout carries only the guest's serial console; logs and errors go to
-//! stderr. Exit status: 0 when the guest powers off or resets, 1 on any
-//! error, 2 on a command-line usage error.
+//! `twinvm run`: stdout carries only the guest's serial console; logs and
+//! errors go to stderr. Exit status: 0 when the guest powers off or resets,
+//! 1 on any error, 2 on a command-line usage error. `twinvm ctl` talks to
+//! the control API of a running VM (docs/api.md).
 
+mod api;
 mod cli;
 mod config;
+mod ctl;
 mod devices;
 mod size;
 mod testguest;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use clap::error::ErrorKind;
 use clap::{CommandFactory, Parser};
@@ -27,7 +32,17 @@ enum Error {
     /// The VM failed.
     #[error(transparent)]
     Vm(#[from] vmm::Error),
+    /// The control API could not be set up.
+    #[error(transparent)]
+    Api(#[from] api::server::Error),
+    /// `twinvm ctl` failed.
+    #[error(transparent)]
+    Ctl(#[from] ctl::Error),
 }
+
+/// How long requests still in progress when the VM ends may take to finish
+/// (e.g. the response to the request that powered it off).
+const API_GRACE: Duration = Duration::from_secs(2);
 
 fn main() -> ExitCode {
     let cli = match cli::Cli::try_parse() {
@@ -39,10 +54,7 @@ fn main() -> ExitCode {
     }
     init_logging();
     match run(cli) {
-        Ok(exit) => {
-            tracing::info!(?exit, "VM ended");
-            ExitCode::SUCCESS
-        }
+        Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("twinvm: error: {}", error_chain(&err));
             ExitCode::FAILURE
@@ -50,22 +62,56 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: cli::Cli) -> Result<vmm::VmExit, Error> {
+fn run(cli: cli::Cli) -> Result<(), Error> {
     match cli.command {
         cli::Command::Run(args) => {
-            let config = config::vm_config(&args, testguest::ELF)?;
-            tracing::debug!(
-                memory_bytes = config.memory_bytes,
-                vcpus = config.vcpus,
-                initrd = ?config.initrd,
-                cmdline = %config.cmdline,
-                net = ?config.net,
-                disks = ?config.disks,
-                "starting VM"
-            );
-            Ok(vmm::run(config)?)
+            let exit = run_vm(&args)?;
+            tracing::info!(?exit, "VM ended");
+            Ok(())
         }
+        cli::Command::Ctl(args) => Ok(ctl::run(&args)?),
     }
+}
+
+/// `twinvm run`: builds and starts the VM, serves its control API if asked
+/// to, and waits until the VM ends.
+fn run_vm(args: &cli::RunArgs) -> Result<vmm::VmExit, Error> {
+    let settings = config::settings(args, testguest::ELF)?;
+    let config = &settings.vm;
+    tracing::debug!(
+        memory_bytes = config.memory_bytes,
+        vcpus = config.vcpus,
+        initrd = ?config.initrd,
+        cmdline = %config.cmdline,
+        net = ?config.net,
+        disks = ?config.disks,
+        api_socket = ?settings.api_socket,
+        "starting VM"
+    );
+    // The socket first: a bad path fails before anything boots, and the
+    // socket is bound before any other thread exists (see api::server).
+    let listener = settings
+        .api_socket
+        .as_deref()
+        .map(api::server::bind)
+        .transpose()?;
+    let vm = Arc::new(vmm::Vm::new(config, vmm::Console::stdio())?);
+    vm.start()?;
+    let started = Instant::now();
+    let Some(listener) = listener else {
+        return Ok(vm.wait()?);
+    };
+    let control = Arc::new(api::vm::VmControl::new(
+        vm.clone(),
+        api::VmSummary::of(config),
+        started,
+    ));
+    tracing::info!(path = %listener.path().display(), "serving the control API");
+    let server = listener.serve(control.clone())?;
+    let exit = vm.wait();
+    control.mark_ended();
+    server.stop(API_GRACE);
+    Ok(exit?)
 }
 
 /// Handles a clap error: help and version go to stdout with status 0 as

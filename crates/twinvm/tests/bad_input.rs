@@ -645,3 +645,113 @@ fn dev_kvm_not_permitted() {
         &["/dev/kvm", "permission"],
     );
 }
+
+// ---- control API (the socket is set up before the VM is built) ----
+
+#[test]
+fn api_socket_in_a_missing_directory() {
+    let dir = TempDir::new("api-nodir");
+    let socket = dir.path().join("no/such/dir/api.sock");
+    reject(
+        &["run", "--api-socket", path_str(&socket)],
+        FAILURE,
+        &["API socket", path_str(&socket), "no such file or directory"],
+    );
+}
+
+#[test]
+fn api_socket_path_is_a_regular_file() {
+    let dir = TempDir::new("api-file");
+    let file = dir.write("api.sock", "not a socket");
+    reject(
+        &["run", "--api-socket", path_str(&file)],
+        FAILURE,
+        &["API socket", path_str(&file), "not a socket"],
+    );
+    assert_eq!(
+        std::fs::read_to_string(&file).expect("file kept"),
+        "not a socket"
+    );
+}
+
+#[test]
+fn api_socket_path_empty_or_too_long() {
+    reject(
+        &["run", "--api-socket", ""],
+        USAGE,
+        &["--api-socket", "empty"],
+    );
+    let dir = TempDir::new("api-long");
+    let socket = dir.path().join("s".repeat(120));
+    reject(
+        &["run", "--api-socket", path_str(&socket)],
+        FAILURE,
+        &["API socket"],
+    );
+}
+
+#[test]
+fn config_api_errors() {
+    let dir = TempDir::new("cfg-api");
+    let cfg = dir.write("vm.toml", "[api]\nsocket = \"vm.sock\"\nport = 8080\n");
+    reject(
+        &["run", "--config", path_str(&cfg)],
+        FAILURE,
+        &[path_str(&cfg), "unknown field `port`", "line 3"],
+    );
+    // Relative to the config file's directory.
+    let cfg = dir.write("nodir.toml", "[api]\nsocket = \"missing/vm.sock\"\n");
+    reject(
+        &["run", "--config", path_str(&cfg)],
+        FAILURE,
+        &["API socket", path_str(&dir.path().join("missing/vm.sock"))],
+    );
+}
+
+#[test]
+fn ctl_without_a_vm() {
+    let dir = TempDir::new("ctl-novm");
+    let socket = dir.path().join("api.sock");
+    reject(
+        &["ctl", "--socket", path_str(&socket), "status"],
+        FAILURE,
+        &["cannot connect", path_str(&socket)],
+    );
+    // A socket nobody serves.
+    drop(std::os::unix::net::UnixListener::bind(&socket).expect("bind"));
+    reject(
+        &["ctl", "--socket", path_str(&socket), "pause"],
+        FAILURE,
+        &["cannot connect", "refused"],
+    );
+}
+
+#[test]
+fn ctl_talking_to_something_that_is_not_the_api() {
+    let dir = TempDir::new("ctl-notapi");
+    let socket = dir.path().join("other.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
+    let server = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut s, _) = listener.accept().expect("accept");
+        let mut buf = [0u8; 1024];
+        let _ = s.read(&mut buf);
+        let _ = s.write_all(b"SSH-2.0-OpenSSH_9.0\r\n");
+    });
+    reject(
+        &["ctl", "--socket", path_str(&socket), "status"],
+        FAILURE,
+        &["invalid response"],
+    );
+    server.join().expect("fake server");
+}
+
+#[test]
+fn ctl_usage_errors() {
+    reject(&["ctl", "status"], USAGE, &["--socket"]);
+    reject(
+        &["ctl", "--socket", "/tmp/x.sock", "reboot"],
+        USAGE,
+        &["reboot"],
+    );
+}

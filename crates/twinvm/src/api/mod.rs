@@ -1,0 +1,192 @@
+//! The control API of a running VM: HTTP/1.1 requests with JSON bodies on
+//! a Unix socket (`twinvm run --api-socket PATH`), and the types its server
+//! and its client (`twinvm ctl`) share. See docs/api.md.
+//!
+//! - [`http`]: parsing requests and responses, writing them; pure.
+//! - [`server`]: the socket, the connection threads and the router.
+//! - [`vm`]: the [`server::Control`] of a real [`vmm::Vm`].
+
+pub mod http;
+pub mod server;
+pub mod vm;
+
+use serde::{Deserialize, Serialize};
+
+/// Whether the guest runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunState {
+    /// The vCPUs and device workers run.
+    Running,
+    /// Everything is frozen (`PUT /vm/pause`) until `PUT /vm/resume`.
+    Paused,
+}
+
+/// The body of `GET /vm`.
+///
+/// Clients ignore fields they do not know, so fields can be added (e.g. the
+/// progress of a snapshot or migration) without breaking older clients.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStatus {
+    /// Running or paused.
+    pub state: RunState,
+    /// Milliseconds since the VM started, paused time included.
+    pub uptime_ms: u64,
+    /// Fixed at start: vCPUs, memory and devices.
+    #[serde(flatten)]
+    pub summary: VmSummary,
+}
+
+/// What the VM was built with; does not change while it runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSummary {
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// Guest RAM in bytes.
+    pub memory_bytes: u64,
+    /// Network devices and disks, each in the order the guest sees them.
+    pub devices: Devices,
+}
+
+/// The VM's devices.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Devices {
+    /// virtio-net devices.
+    pub net: Vec<NetDevice>,
+    /// virtio-blk devices.
+    pub disks: Vec<DiskDevice>,
+}
+
+/// A network device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetDevice {
+    /// The host tap device.
+    pub tap: String,
+    /// The guest's MAC address, "52:54:00:12:34:56" (the assigned default if
+    /// none was configured).
+    pub mac: String,
+}
+
+/// A disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskDevice {
+    /// The image file as configured (a path that is not UTF-8 is shown with
+    /// replacement characters).
+    pub path: String,
+    /// The guest cannot write to it.
+    pub readonly: bool,
+}
+
+/// The body of every error response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What went wrong, on one line.
+    pub error: String,
+}
+
+impl VmSummary {
+    /// The summary of `config`.
+    pub fn of(config: &vmm::VmConfig) -> VmSummary {
+        let net = config
+            .net
+            .iter()
+            .enumerate()
+            .map(|(index, n)| NetDevice {
+                tap: n.tap.clone(),
+                mac: format_mac(
+                    &n.mac
+                        .unwrap_or_else(|| vmm::devices::virtio::net::default_mac(index)),
+                ),
+            })
+            .collect();
+        let disks = config
+            .disks
+            .iter()
+            .map(|d| DiskDevice {
+                path: d.path.to_string_lossy().into_owned(),
+                readonly: d.readonly,
+            })
+            .collect();
+        VmSummary {
+            vcpus: config.vcpus,
+            memory_bytes: config.memory_bytes,
+            devices: Devices { net, disks },
+        }
+    }
+}
+
+/// "52:54:00:12:34:56".
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> vmm::VmConfig {
+        vmm::VmConfig {
+            memory_bytes: 64 << 20,
+            vcpus: 2,
+            kernel: vmm::KernelSource::Bytes(b""),
+            initrd: None,
+            cmdline: String::new(),
+            net: vec![
+                vmm::NetConfig {
+                    tap: "tap0".into(),
+                    mac: Some([0x52, 0x54, 0, 0xab, 0xcd, 0xef]),
+                },
+                vmm::NetConfig {
+                    tap: "tap1".into(),
+                    mac: None,
+                },
+            ],
+            disks: vec![vmm::DiskConfig {
+                path: "/img/root.img".into(),
+                readonly: true,
+                serial: None,
+            }],
+        }
+    }
+
+    #[test]
+    fn status_json_has_the_documented_shape() {
+        let status = VmStatus {
+            state: RunState::Paused,
+            uptime_ms: 1234,
+            summary: VmSummary::of(&config()),
+        };
+        let json = serde_json::to_value(&status).expect("serializes");
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "state": "paused",
+                "uptime_ms": 1234,
+                "vcpus": 2,
+                "memory_bytes": 67108864,
+                "devices": {
+                    "net": [
+                        {"tap": "tap0", "mac": "52:54:00:ab:cd:ef"},
+                        // The VMM's default for the second network device.
+                        {"tap": "tap1", "mac": "52:54:00:12:34:57"}
+                    ],
+                    "disks": [{"path": "/img/root.img", "readonly": true}]
+                }
+            })
+        );
+        let back: VmStatus = serde_json::from_value(json).expect("round trip");
+        assert_eq!(back, status);
+    }
+
+    #[test]
+    fn clients_ignore_unknown_status_fields() {
+        let text = r#"{"state":"running","uptime_ms":5,"vcpus":1,"memory_bytes":4096,
+            "devices":{"net":[],"disks":[]},"migration":{"progress":0.5}}"#;
+        let status: VmStatus = serde_json::from_str(text).expect("decodes");
+        assert_eq!(status.state, RunState::Running);
+        assert_eq!(status.summary.vcpus, 1);
+    }
+}

@@ -1,0 +1,120 @@
+//! `twinvm ctl`: the client of the control API (docs/api.md).
+
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::api::http::{self, ClientResponse};
+use crate::api::{ErrorBody, VmStatus};
+use crate::cli::{CtlAction, CtlArgs};
+
+/// How long to wait for the VM to answer.
+const TIMEOUT: Duration = Duration::from_secs(30);
+/// The most response bytes read.
+const MAX_RESPONSE: u64 = 1 << 20;
+
+/// Errors of `twinvm ctl`.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Nothing to connect to.
+    #[error("cannot connect to the API socket '{}' (is the VM running with --api-socket?)", .path.display())]
+    Connect {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The connection failed midway.
+    #[error("talking to the VM at '{}' failed", .path.display())]
+    Io {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The VM answered with something that is not a valid response.
+    #[error("the VM sent an invalid response: {0}")]
+    BadResponse(String),
+    /// The VM refused the request.
+    #[error("the VM answered {status} {}: {message}", http::reason(*.status))]
+    Refused {
+        /// The HTTP status.
+        status: u16,
+        /// The error message from the body.
+        message: String,
+    },
+}
+
+/// Runs `twinvm ctl`; prints the result on stdout.
+pub fn run(args: &CtlArgs) -> Result<(), Error> {
+    let (method, path, done) = match args.action {
+        CtlAction::Status => ("GET", "/vm", ""),
+        CtlAction::Pause => ("PUT", "/vm/pause", "VM paused"),
+        CtlAction::Resume => ("PUT", "/vm/resume", "VM resumed"),
+        CtlAction::Stop => ("PUT", "/vm/power-off", "VM powering off"),
+    };
+    let resp = call(&args.socket, method, path)?;
+    if !(200..300).contains(&resp.status) {
+        let message = serde_json::from_slice::<ErrorBody>(&resp.body)
+            .map(|b| b.error)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&resp.body).trim().to_string());
+        return Err(Error::Refused {
+            status: resp.status,
+            message,
+        });
+    }
+    if args.action == CtlAction::Status {
+        let status: VmStatus = serde_json::from_slice(&resp.body)
+            .map_err(|e| Error::BadResponse(format!("status is not valid JSON: {e}")))?;
+        let text =
+            serde_json::to_string_pretty(&status).map_err(|e| Error::BadResponse(e.to_string()))?;
+        println!("{text}");
+    } else {
+        println!("{done}");
+    }
+    Ok(())
+}
+
+/// Sends one request to the API socket at `socket` and reads the response.
+pub fn call(socket: &Path, method: &str, path: &str) -> Result<ClientResponse, Error> {
+    let mut stream = UnixStream::connect(socket).map_err(|source| Error::Connect {
+        path: socket.to_path_buf(),
+        source,
+    })?;
+    let io = |source| Error::Io {
+        path: socket.to_path_buf(),
+        source,
+    };
+    stream.set_read_timeout(Some(TIMEOUT)).map_err(io)?;
+    stream.set_write_timeout(Some(TIMEOUT)).map_err(io)?;
+    stream
+        .write_all(&http::request_bytes(method, path, None))
+        .map_err(io)?;
+    let mut buf = Vec::new();
+    match (&mut stream).take(MAX_RESPONSE).read_to_end(&mut buf) {
+        Ok(_) => {}
+        // The server may reset the connection after a complete response.
+        Err(e) if e.kind() == ErrorKind::ConnectionReset && !buf.is_empty() => {}
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+            return Err(io(std::io::Error::new(
+                ErrorKind::TimedOut,
+                format!("no answer within {} s", TIMEOUT.as_secs()),
+            )));
+        }
+        Err(e) => return Err(io(e)),
+    }
+    if buf.is_empty() {
+        return Err(Error::BadResponse(
+            "the connection closed without an answer".into(),
+        ));
+    }
+    http::parse_response(&buf).map_err(|e| {
+        Error::BadResponse(match e {
+            http::HttpError::Malformed(m) => m,
+            e => e.to_string(),
+        })
+    })
+}
