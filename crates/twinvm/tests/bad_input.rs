@@ -686,7 +686,7 @@ fn api_socket_path_empty_or_too_long() {
     reject(
         &["run", "--api-socket", path_str(&socket)],
         FAILURE,
-        &["API socket"],
+        &["API socket", path_str(&socket), "too long", "at most 107"],
     );
 }
 
@@ -754,4 +754,26 @@ fn ctl_usage_errors() {
         USAGE,
         &["reboot"],
     );
+}
+
+#[test]
+fn api_socket_is_removed_when_the_vm_cannot_be_built() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("api-nokernel");
+    let socket = dir.path().join("api.sock");
+    let kernel = dir.path().join("no-such-bzImage");
+    reject(
+        &[
+            "run",
+            "--api-socket",
+            path_str(&socket),
+            "--kernel",
+            path_str(&kernel),
+        ],
+        FAILURE,
+        &["kernel", path_str(&kernel)],
+    );
+    assert!(!socket.exists(), "the socket file was left behind");
 }

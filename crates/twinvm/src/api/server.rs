@@ -42,6 +42,8 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections served at the same time.
 pub const MAX_CONNECTIONS: usize = 16;
+/// The longest socket path, in bytes (`sun_path` holds 108 with the NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
 
 /// Errors setting up the API socket.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +51,17 @@ pub enum Error {
     /// Another process listens on the socket.
     #[error("API socket '{}' is in use (is another twinvm running?)", .0.display())]
     InUse(PathBuf),
+    /// The path does not fit in a socket address.
+    #[error(
+        "API socket path '{}' is too long: {len} bytes, at most {MAX_SOCKET_PATH} (use a shorter or relative path)",
+        .path.display()
+    )]
+    PathTooLong {
+        /// The socket path.
+        path: PathBuf,
+        /// Its length in bytes.
+        len: usize,
+    },
     /// The path exists and is not a socket.
     #[error("API socket '{}' exists and is not a socket; not replacing it", .0.display())]
     NotASocket(PathBuf),
@@ -236,6 +249,13 @@ pub struct Listener {
 /// (nothing listening) is replaced; a live one, or a file of another kind,
 /// is an error.
 pub fn bind(path: &Path) -> Result<Listener, Error> {
+    let len = path.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        return Err(Error::PathTooLong {
+            path: path.to_path_buf(),
+            len,
+        });
+    }
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => match UnixStream::connect(path) {
             Ok(_) => return Err(Error::InUse(path.to_path_buf())),
@@ -756,6 +776,12 @@ mod tests {
         std::fs::write(&path, "precious").unwrap();
         assert!(matches!(bind(&path), Err(Error::NotASocket(_))));
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "precious");
+
+        let long = dir.join("s".repeat(MAX_SOCKET_PATH));
+        assert!(matches!(
+            bind(&long),
+            Err(Error::PathTooLong { len, .. }) if len > MAX_SOCKET_PATH
+        ));
 
         let missing = dir.join("no/such/dir/api.sock");
         let err = bind(&missing).err().expect("missing directory");
