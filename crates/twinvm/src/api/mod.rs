@@ -3,10 +3,12 @@
 //! and its client (`twinvm ctl`) share. See docs/api.md.
 //!
 //! - [`http`]: parsing requests and responses, writing them; pure.
-//! - [`server`]: the socket, the connection threads and the router.
-//! - [`vm`]: the [`server::Control`] of a real [`vmm::Vm`].
+//! - [`router`]: the endpoints, and the [`router::Control`] they act on.
+//! - [`server`]: the socket and the connection threads.
+//! - [`vm`]: the [`router::Control`] of a real [`vmm::Vm`].
 
 pub mod http;
+pub mod router;
 pub mod server;
 pub mod vm;
 

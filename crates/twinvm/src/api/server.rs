@@ -1,5 +1,5 @@
-//! The API server: the Unix socket, one thread per connection, and the
-//! router from method and path to a handler.
+//! The API server: the Unix socket and one thread per connection, each
+//! handing its request to the [`router`](super::router).
 //!
 //! The socket is created with mode 0600: [`bind`] sets the umask to 0177
 //! around `bind(2)`, so the socket file never exists with wider permissions
@@ -15,10 +15,8 @@
 //! get 503 at once. So a client that sends garbage or stalls costs one
 //! thread for a few seconds and never blocks the others.
 //!
-//! Adding an endpoint is one [`ROUTES`] entry and a handler. A long-running
-//! one (snapshot, migration) runs on its connection's thread while other
-//! connections keep being served; it marks its progress in the
-//! [`Control`] so that `GET /vm` can report it.
+//! A long-running request (snapshot, migration) runs on its connection's
+//! thread while other connections keep being served.
 
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
@@ -30,11 +28,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
-use serde::de::DeserializeOwned;
-
-use super::VmStatus;
 use super::http::{self, Parsed, Request, Response};
+use super::router::{Control, route};
 
 /// How long a client has to send its whole request.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -95,148 +90,6 @@ pub enum Error {
     /// The server thread could not be started.
     #[error("cannot start the API server thread")]
     Spawn(#[source] std::io::Error),
-}
-
-/// An error a [`Control`] operation answers with.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ApiError {
-    /// The HTTP status.
-    pub status: u16,
-    /// The message for `{"error": ...}`.
-    pub message: String,
-}
-
-impl ApiError {
-    /// 409: the operation does not fit the VM's current state.
-    pub fn conflict(message: impl Into<String>) -> ApiError {
-        ApiError {
-            status: 409,
-            message: message.into(),
-        }
-    }
-
-    /// 500: the operation failed.
-    pub fn internal(message: impl Into<String>) -> ApiError {
-        ApiError {
-            status: 500,
-            message: message.into(),
-        }
-    }
-}
-
-/// What the API can do to a VM. Operations are idempotent where that makes
-/// sense: pausing a paused VM succeeds.
-pub trait Control: Send + Sync {
-    /// The body of `GET /vm`.
-    fn status(&self) -> VmStatus;
-    /// Freezes the VM.
-    fn pause(&self) -> Result<(), ApiError>;
-    /// Lets a paused VM run again.
-    fn resume(&self) -> Result<(), ApiError>;
-    /// Asks the VM to end as if the guest had powered off.
-    fn power_off(&self) -> Result<(), ApiError>;
-}
-
-/// A request handler.
-type Handler = fn(&dyn Control, &Request) -> Response;
-
-/// One endpoint.
-struct Route {
-    method: &'static str,
-    path: &'static str,
-    handler: Handler,
-}
-
-/// Every endpoint. docs/api.md describes them.
-const ROUTES: &[Route] = &[
-    Route {
-        method: "GET",
-        path: "/vm",
-        handler: get_vm,
-    },
-    Route {
-        method: "PUT",
-        path: "/vm/pause",
-        handler: put_pause,
-    },
-    Route {
-        method: "PUT",
-        path: "/vm/resume",
-        handler: put_resume,
-    },
-    Route {
-        method: "PUT",
-        path: "/vm/power-off",
-        handler: put_power_off,
-    },
-];
-
-/// Answers `req`: 404 for an unknown path, 405 (with `Allow`) for a method
-/// the path does not take, otherwise what the handler says.
-pub fn route(control: &dyn Control, req: &Request) -> Response {
-    let mut allowed: Vec<&str> = Vec::new();
-    for r in ROUTES.iter().filter(|r| r.path == req.path) {
-        if r.method == req.method {
-            return (r.handler)(control, req);
-        }
-        allowed.push(r.method);
-    }
-    if allowed.is_empty() {
-        return Response::error(404, format!("no such endpoint: {}", req.path));
-    }
-    let allow = allowed.join(", ");
-    let mut resp = Response::error(
-        405,
-        format!(
-            "method {} is not allowed on {}; use {allow}",
-            req.method, req.path
-        ),
-    );
-    resp.allow = Some(allow);
-    resp
-}
-
-/// The JSON body of `req` as `T`; no body counts as `{}`.
-fn json_body<T: DeserializeOwned>(req: &Request) -> Result<T, Response> {
-    let body: &[u8] = if req.body.iter().all(u8::is_ascii_whitespace) {
-        b"{}"
-    } else {
-        &req.body
-    };
-    serde_json::from_slice(body)
-        .map_err(|e| Response::error(400, format!("invalid JSON body: {e}")))
-}
-
-/// The body of an endpoint that takes no arguments: nothing, or `{}`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NoArguments {}
-
-/// Runs an operation without arguments; `ok` is its success status.
-fn operation(req: &Request, ok: u16, op: impl FnOnce() -> Result<(), ApiError>) -> Response {
-    if let Err(resp) = json_body::<NoArguments>(req) {
-        return resp;
-    }
-    match op() {
-        Ok(()) => Response::empty(ok),
-        Err(e) => Response::error(e.status, e.message),
-    }
-}
-
-fn get_vm(control: &dyn Control, _req: &Request) -> Response {
-    Response::json(200, &control.status())
-}
-
-fn put_pause(control: &dyn Control, req: &Request) -> Response {
-    operation(req, 204, || control.pause())
-}
-
-fn put_resume(control: &dyn Control, req: &Request) -> Response {
-    operation(req, 204, || control.resume())
-}
-
-fn put_power_off(control: &dyn Control, req: &Request) -> Response {
-    operation(req, 202, || control.power_off())
 }
 
 /// A bound API socket, not yet served. Dropping it removes the socket file.
@@ -583,131 +436,7 @@ fn read_request(stream: &mut UnixStream, timeout: Duration) -> Result<Request, R
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{Devices, ErrorBody, RunState, VmSummary};
-
-    /// A [`Control`] that records what it was asked.
-    #[derive(Default)]
-    struct Fake {
-        paused: Mutex<bool>,
-        powered_off: AtomicBool,
-        fail: AtomicBool,
-    }
-
-    impl Control for Fake {
-        fn status(&self) -> VmStatus {
-            VmStatus {
-                state: if *lock(&self.paused) {
-                    RunState::Paused
-                } else {
-                    RunState::Running
-                },
-                uptime_ms: 42,
-                summary: VmSummary {
-                    vcpus: 2,
-                    memory_bytes: 1 << 30,
-                    devices: Devices::default(),
-                },
-            }
-        }
-        fn pause(&self) -> Result<(), ApiError> {
-            if self.fail.load(Ordering::SeqCst) {
-                return Err(ApiError::conflict("the VM is shutting down"));
-            }
-            *lock(&self.paused) = true;
-            Ok(())
-        }
-        fn resume(&self) -> Result<(), ApiError> {
-            *lock(&self.paused) = false;
-            Ok(())
-        }
-        fn power_off(&self) -> Result<(), ApiError> {
-            self.powered_off.store(true, Ordering::SeqCst);
-            Ok(())
-        }
-    }
-
-    fn req(method: &str, path: &str, body: &str) -> Request {
-        Request {
-            method: method.into(),
-            path: path.into(),
-            body: body.as_bytes().to_vec(),
-        }
-    }
-
-    fn error_of(resp: &Response) -> String {
-        serde_json::from_slice::<ErrorBody>(&resp.body)
-            .unwrap_or_else(|e| panic!("not an error body ({e}): {resp:?}"))
-            .error
-    }
-
-    #[test]
-    fn status_pause_resume_power_off() {
-        let fake = Fake::default();
-        let resp = route(&fake, &req("GET", "/vm", ""));
-        assert_eq!(resp.status, 200);
-        let status: VmStatus = serde_json::from_slice(&resp.body).expect("status JSON");
-        assert_eq!(status.state, RunState::Running);
-        assert_eq!(status.summary.vcpus, 2);
-
-        assert_eq!(route(&fake, &req("PUT", "/vm/pause", "")).status, 204);
-        assert!(*lock(&fake.paused));
-        // Idempotent, and `{}` is as good as no body.
-        assert_eq!(route(&fake, &req("PUT", "/vm/pause", " {} ")).status, 204);
-        let resp = route(&fake, &req("GET", "/vm", ""));
-        assert!(String::from_utf8_lossy(&resp.body).contains("\"state\":\"paused\""));
-
-        assert_eq!(route(&fake, &req("PUT", "/vm/resume", "\n")).status, 204);
-        assert!(!*lock(&fake.paused));
-
-        assert_eq!(route(&fake, &req("PUT", "/vm/power-off", "")).status, 202);
-        assert!(fake.powered_off.load(Ordering::SeqCst));
-    }
-
-    #[test]
-    fn unknown_paths_are_404_and_wrong_methods_405() {
-        let fake = Fake::default();
-        for path in ["/", "/vm/", "/vm/snapshot", "/VM", "/vm/pause/x"] {
-            let resp = route(&fake, &req("PUT", path, ""));
-            assert_eq!(resp.status, 404, "{path}");
-            assert!(error_of(&resp).contains(path), "{path}");
-        }
-        let resp = route(&fake, &req("POST", "/vm/pause", ""));
-        assert_eq!(resp.status, 405);
-        assert_eq!(resp.allow.as_deref(), Some("PUT"));
-        assert!(error_of(&resp).contains("POST"));
-        let resp = route(&fake, &req("PUT", "/vm", ""));
-        assert_eq!((resp.status, resp.allow.as_deref()), (405, Some("GET")));
-        // Methods are case-sensitive.
-        assert_eq!(route(&fake, &req("get", "/vm", "")).status, 405);
-        assert!(!*lock(&fake.paused));
-    }
-
-    #[test]
-    fn bad_json_bodies_are_400_and_change_nothing() {
-        let fake = Fake::default();
-        for body in [
-            "{",
-            "not json",
-            "{\"force\": true}",
-            "null",
-            "\"x\"",
-            "{}{}",
-        ] {
-            let resp = route(&fake, &req("PUT", "/vm/pause", body));
-            assert_eq!(resp.status, 400, "{body}");
-            assert!(error_of(&resp).contains("invalid JSON body"), "{body}");
-        }
-        assert!(!*lock(&fake.paused));
-    }
-
-    #[test]
-    fn operation_errors_keep_their_status() {
-        let fake = Fake::default();
-        fake.fail.store(true, Ordering::SeqCst);
-        let resp = route(&fake, &req("PUT", "/vm/pause", ""));
-        assert_eq!(resp.status, 409);
-        assert_eq!(error_of(&resp), "the VM is shutting down");
-    }
+    use crate::api::router::fake::Fake;
 
     fn temp_dir(tag: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!(
@@ -743,7 +472,7 @@ mod tests {
         let server = listener.serve(fake.clone()).expect("serve");
         let r = exchange(&path, &http::request_bytes("PUT", "/vm/pause", None));
         assert_eq!(r.status, 204);
-        assert!(*lock(&fake.paused));
+        assert!(fake.is_paused());
         let r = exchange(&path, b"GARBAGE\r\n\r\n");
         assert_eq!(r.status, 400);
         let r = exchange(
@@ -751,7 +480,7 @@ mod tests {
             b"PUT /vm/resume HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n{}",
         );
         assert_eq!(r.status, 204);
-        assert!(!*lock(&fake.paused));
+        assert!(!fake.is_paused());
 
         let started = Instant::now();
         server.stop(Duration::from_secs(5));

@@ -4,7 +4,7 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use super::server::{ApiError, Control};
+use super::router::{ApiError, Control};
 use super::{RunState, VmStatus, VmSummary};
 
 /// Controls a running [`vmm::Vm`] for the API.
