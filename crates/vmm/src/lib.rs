@@ -5,10 +5,12 @@
 pub mod arch;
 pub mod devices;
 pub mod memory;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 
-pub use vm::{Console, Error, MachineState, Vm, run};
+pub use snapshot::VmId;
+pub use vm::{Console, DeviceStates, Error, MachineState, Vm, VmState, run};
 
 use std::path::PathBuf;
 

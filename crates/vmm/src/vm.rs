@@ -16,11 +16,13 @@ use crate::arch::x86_64::state::{self, VcpuSnapshot, VmArchSnapshot};
 use crate::arch::x86_64::{boot, cpuid, mptable, msr, regs};
 use crate::devices::legacy::{
     I8042, I8042_BASE, I8042_LEN, SERIAL_IRQ, SERIAL_PORT_BASE, SERIAL_PORT_LEN, SYSCTL_PORT,
-    SerialDevice, SystemControl,
+    SerialDevice, SerialSnapshot, SerialStateError, SystemControl,
 };
-use crate::devices::virtio::{self, MmioTransport, VirtioDevice};
+use crate::devices::virtio::{self, MmioTransport, VirtioDevice, VirtioState};
 use crate::devices::{Bus, BusError, lock};
 use crate::memory::{DirtyBitmap, GuestMemoryMmap, GuestRam, MMIO_HOLE_START, MemoryError};
+use crate::snapshot::dir::SnapshotError;
+use crate::snapshot::{ConfigFingerprint, Expected, FormatError, VmId};
 use crate::vcpu::{Vcpu, VcpuCommand, VcpuError, VcpuHandle, VcpuReply, VcpuRequest, VcpuState};
 use crate::{KernelSource, VmConfig, VmEvent, VmExit};
 
@@ -112,6 +114,29 @@ pub enum Error {
     /// VM-wide part).
     #[error("machine state of {}", if *.0 == u8::MAX { "the VM".to_string() } else { format!("vCPU {}", .0) })]
     State(u8, #[source] state::StateError),
+    /// A state of a VM with other virtio devices.
+    #[error("the saved state has {saved} virtio devices, this VM has {here}")]
+    DeviceCountMismatch {
+        /// Devices in the state.
+        saved: usize,
+        /// Devices here.
+        here: usize,
+    },
+    /// A saved virtio device state does not fit its device.
+    #[error(transparent)]
+    VirtioState(#[from] virtio::StateError),
+    /// A saved serial port state cannot be loaded.
+    #[error(transparent)]
+    SerialState(#[from] SerialStateError),
+    /// State bytes are malformed, corrupt, or of another VM.
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    /// A snapshot directory could not be written or read.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// No identity could be generated for the VM.
+    #[error("cannot generate the VM's identity")]
+    Identity(#[source] std::io::Error),
     /// A vCPU thread answered out of turn (internal error).
     #[error("unexpected vCPU reply {0}")]
     UnexpectedReply(String),
@@ -127,7 +152,29 @@ pub struct MachineState {
     /// PIC, IOAPIC, PIT and kvmclock.
     pub arch: VmArchSnapshot,
     /// One entry per vCPU.
+    #[serde(with = "crate::snapshot::codec::seq")]
     pub vcpus: Vec<VcpuSnapshot>,
+}
+
+/// The state of the VMM's devices. The i8042 and the system control port
+/// have none.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeviceStates {
+    /// The console UART.
+    pub serial: SerialSnapshot,
+    /// The virtio devices in guest order (network devices, then disks).
+    #[serde(with = "crate::snapshot::codec::seq")]
+    pub virtio: Vec<VirtioState>,
+}
+
+/// Everything a paused VM is, except its RAM: what KVM holds and what the
+/// VMM's devices hold.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct VmState {
+    /// vCPUs, interrupt controllers, PIT, clock.
+    pub machine: MachineState,
+    /// Serial port and virtio devices.
+    pub devices: DeviceStates,
 }
 
 /// Where the serial console's bytes go and come from.
@@ -179,6 +226,7 @@ pub struct Vm {
     // transports through the MMIO bus) and before the VM fd closes.
     virtio: Vec<Arc<Mutex<MmioTransport>>>,
     serial: Arc<Mutex<SerialDevice>>,
+    identity: Mutex<VmId>,
     events_tx: Sender<VmEvent>,
     events: Mutex<Receiver<VmEvent>>,
     vm_fd: VmFd,
@@ -204,6 +252,7 @@ impl Vm {
         // Taps and disk images first: bad configuration is reported before
         // anything is built.
         let devices = virtio::open_devices(&config.net, &config.disks)?;
+        let identity = VmId::random().map_err(Error::Identity)?;
         let kvm = open_kvm()?;
         for (cap, name) in [
             (Cap::Irqchip, "in-kernel irqchip"),
@@ -334,6 +383,7 @@ impl Vm {
             paused: AtomicBool::new(true),
             virtio,
             serial,
+            identity: Mutex::new(identity),
             events_tx,
             events: Mutex::new(events),
             vm_fd,
@@ -397,6 +447,137 @@ impl Vm {
                 VcpuReply::Failed(e) => return Err(Error::State(v.index(), e)),
                 other => return Err(Error::UnexpectedReply(format!("{other:?}"))),
             }
+        }
+        Ok(())
+    }
+
+    /// The VM's identity: random at creation, or adopted from the state of
+    /// another VM ([`Vm::set_identity`], [`Vm::restore_from`]).
+    pub fn identity(&self) -> VmId {
+        *lock(&self.identity)
+    }
+
+    /// Adopts `id`, e.g. the identity of the VM a migration or checkpoint
+    /// stream comes from.
+    pub fn set_identity(&self, id: VmId) {
+        *lock(&self.identity) = id;
+    }
+
+    /// The shape state must have to load into this VM: memory size, vCPU
+    /// count, virtio device types.
+    pub fn fingerprint(&self) -> ConfigFingerprint {
+        ConfigFingerprint {
+            memory_bytes: self.ram.size(),
+            vcpus: self.vcpu_count() as u32,
+            devices: self.virtio.iter().map(|d| lock(d).device_type()).collect(),
+        }
+    }
+
+    /// Reads the whole state of the paused VM except RAM: the machine state
+    /// ([`Vm::save_machine_state`]), the serial port, and every virtio
+    /// device (registers, queues, in-flight work).
+    pub fn save_state(&self) -> Result<VmState, Error> {
+        let machine = self.save_machine_state()?;
+        let serial = lock(&self.serial).save_state();
+        let virtio = self.virtio.iter().map(|d| lock(d).state()).collect();
+        Ok(VmState {
+            machine,
+            devices: DeviceStates { serial, virtio },
+        })
+    }
+
+    /// Loads `state` into this paused VM's existing objects (its RAM must
+    /// already hold the matching contents). Everything is checked before
+    /// anything is written: a state of a VM of another shape, or with
+    /// device states that do not fit these devices, is refused and the VM
+    /// is left as it was. Then the machine state, the serial port and the
+    /// virtio devices are loaded; devices the driver had started resume
+    /// with the VM.
+    pub fn load_state(&self, state: VmState) -> Result<(), Error> {
+        if !self.is_paused() {
+            return Err(Error::NotPaused);
+        }
+        self.check_state(&state)?;
+        self.load_machine_state(state.machine)?;
+        lock(&self.serial).load_state(&state.devices.serial)?;
+        for (d, s) in self.virtio.iter().zip(&state.devices.virtio) {
+            lock(d).load_state(s)?;
+        }
+        Ok(())
+    }
+
+    /// Checks, without changing anything, that `state` fits this VM: as
+    /// many vCPUs and virtio devices, and device states these devices can
+    /// take ([`MmioTransport::check_state`]).
+    pub fn check_state(&self, state: &VmState) -> Result<(), Error> {
+        let here = self.vcpu_count();
+        if state.machine.vcpus.len() != here {
+            return Err(Error::VcpuCountMismatch {
+                saved: state.machine.vcpus.len(),
+                here,
+            });
+        }
+        if state.devices.virtio.len() != self.virtio.len() {
+            return Err(Error::DeviceCountMismatch {
+                saved: state.devices.virtio.len(),
+                here: self.virtio.len(),
+            });
+        }
+        for (d, s) in self.virtio.iter().zip(&state.devices.virtio) {
+            lock(d).check_state(s)?;
+        }
+        SerialDevice::check_state(&state.devices.serial)?;
+        Ok(())
+    }
+
+    /// [`Vm::save_state`], encoded in twinvm's state format with this VM's
+    /// identity and fingerprint.
+    pub fn save_state_bytes(&self) -> Result<Vec<u8>, Error> {
+        let state = self.save_state()?;
+        Ok(crate::snapshot::encode(
+            self.identity(),
+            &self.fingerprint(),
+            &state,
+        )?)
+    }
+
+    /// Decodes `bytes` (a state of this VM's shape, and of the VM
+    /// `identity` if given) and loads it with [`Vm::load_state`].
+    pub fn load_state_bytes(&self, bytes: &[u8], identity: Option<VmId>) -> Result<(), Error> {
+        let fingerprint = self.fingerprint();
+        let (_, state) = crate::snapshot::decode::<VmState>(
+            bytes,
+            &Expected {
+                identity,
+                fingerprint: Some(&fingerprint),
+            },
+        )?;
+        self.load_state(state)
+    }
+
+    /// Writes a snapshot of the paused VM into `dir` (created if needed):
+    /// `memory.bin` (guest RAM) and `state.bin` (the state, in twinvm's
+    /// format). See [`crate::snapshot::dir`].
+    pub fn snapshot_to(&self, dir: &std::path::Path) -> Result<(), Error> {
+        crate::snapshot::dir::snapshot_to(self, dir)
+    }
+
+    /// Loads the snapshot in `dir` into this paused VM, built with the same
+    /// configuration as the snapshotted one: RAM, then the state; the VM
+    /// adopts the snapshot's identity. Start it to continue the guest.
+    pub fn restore_from(&self, dir: &std::path::Path) -> Result<(), Error> {
+        crate::snapshot::dir::restore_from(self, dir)
+    }
+
+    /// Syncs the back ends of the (paused) virtio devices: disk images are
+    /// made durable.
+    pub(crate) fn sync_devices(&self) -> Result<(), SnapshotError> {
+        for d in &self.virtio {
+            let mut d = lock(d);
+            d.sync_backend().map_err(|source| SnapshotError::Sync {
+                device: d.name().to_string(),
+                source,
+            })?;
         }
         Ok(())
     }

@@ -1,10 +1,18 @@
 //! Legacy PC devices on the I/O port bus: the 16550 UART (the console), the
 //! i8042 controller (its reset line ends the VM), and twinvm's system
 //! control port, through which the test guest powers off.
+//!
+//! Only the UART has state worth saving ([`SerialDevice::save_state`]):
+//! vm-superio's i8042 keeps none (reads return 0, only the CPU reset
+//! command acts), and the system control port keeps none either.
 
 use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{I8042Device, Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -24,15 +32,120 @@ pub const I8042_LEN: u64 = 5;
 /// twinvm's system control port.
 pub const SYSCTL_PORT: u64 = 0x600;
 
+/// Bytes the UART's receive FIFO holds (vm-superio's FIFO size).
+pub const SERIAL_FIFO_SIZE: usize = 64;
+
 /// Raises an interrupt by signalling an eventfd registered as an irqfd.
-pub struct IrqTrigger(pub EventFd);
+///
+/// It can be muted: while a saved state is loaded, the UART must not raise
+/// an interrupt of its own — the interrupt controllers' saved state already
+/// holds whatever the UART had raised.
+pub struct IrqTrigger {
+    fd: EventFd,
+    muted: Arc<AtomicBool>,
+}
+
+impl IrqTrigger {
+    /// A trigger that signals `fd`.
+    pub fn new(fd: EventFd) -> Self {
+        IrqTrigger {
+            fd,
+            muted: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Another handle on the same eventfd and mute switch.
+    fn try_clone(&self) -> std::io::Result<Self> {
+        Ok(IrqTrigger {
+            fd: self.fd.try_clone()?,
+            muted: self.muted.clone(),
+        })
+    }
+}
 
 impl Trigger for IrqTrigger {
     type E = std::io::Error;
 
     fn trigger(&self) -> std::io::Result<()> {
-        self.0.write(1)
+        if self.muted.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.fd.write(1)
     }
+}
+
+/// The saved state of the UART: its registers and the bytes waiting in its
+/// receive FIFO (vm-superio's `SerialState`, which has no serde support).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialSnapshot {
+    /// Divisor latch, low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch, high byte.
+    pub baud_divisor_high: u8,
+    /// Interrupt enable register.
+    pub interrupt_enable: u8,
+    /// Interrupt identification register.
+    pub interrupt_identification: u8,
+    /// Line control register.
+    pub line_control: u8,
+    /// Line status register.
+    pub line_status: u8,
+    /// Modem control register.
+    pub modem_control: u8,
+    /// Modem status register.
+    pub modem_status: u8,
+    /// Scratch register.
+    pub scratch: u8,
+    /// Bytes received and not yet read by the guest, oldest first.
+    #[serde(with = "crate::snapshot::codec::bytes")]
+    pub rx_fifo: Vec<u8>,
+}
+
+impl From<SerialState> for SerialSnapshot {
+    fn from(s: SerialState) -> Self {
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            rx_fifo: s.in_buffer,
+        }
+    }
+}
+
+impl From<&SerialSnapshot> for SerialState {
+    fn from(s: &SerialSnapshot) -> Self {
+        SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.rx_fifo.clone(),
+        }
+    }
+}
+
+/// A saved UART state that cannot be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum SerialStateError {
+    /// More received bytes than the FIFO holds.
+    #[error(
+        "the saved serial port state has {0} bytes in its receive FIFO, more than its {SERIAL_FIFO_SIZE}"
+    )]
+    FifoOverflow(usize),
+    /// The UART could not be rebuilt (internal error).
+    #[error("cannot rebuild the serial port from its saved state: {0}")]
+    Rebuild(String),
 }
 
 /// Sends a VM event when triggered (the i8042's reset line).
@@ -56,9 +169,11 @@ impl Trigger for EventTrigger {
     }
 }
 
+type Uart = Serial<IrqTrigger, NoEvents, Box<dyn Write + Send>>;
+
 /// The console UART.
 pub struct SerialDevice {
-    uart: Serial<IrqTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
+    uart: Uart,
     output_failed: bool,
 }
 
@@ -67,8 +182,55 @@ impl SerialDevice {
     /// signals `irq`.
     pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
         SerialDevice {
-            uart: Serial::new(IrqTrigger(irq), out),
+            uart: Serial::new(IrqTrigger::new(irq), out),
             output_failed: false,
+        }
+    }
+
+    /// The UART's registers and receive FIFO.
+    pub fn save_state(&self) -> SerialSnapshot {
+        self.uart.state().into()
+    }
+
+    /// Checks that `state` can be loaded, without changing anything.
+    pub fn check_state(state: &SerialSnapshot) -> Result<(), SerialStateError> {
+        if state.rx_fifo.len() > SERIAL_FIFO_SIZE {
+            return Err(SerialStateError::FifoOverflow(state.rx_fifo.len()));
+        }
+        Ok(())
+    }
+
+    /// Replaces the UART's registers and receive FIFO with `state`. The
+    /// console output and the interrupt eventfd stay; loading raises no
+    /// interrupt (the interrupt controllers' state is loaded separately).
+    pub fn load_state(&mut self, state: &SerialSnapshot) -> Result<(), SerialStateError> {
+        Self::check_state(state)?;
+        let trigger = self
+            .uart
+            .interrupt_evt()
+            .try_clone()
+            .map_err(|e| SerialStateError::Rebuild(e.to_string()))?;
+        let placeholder_trigger = trigger
+            .try_clone()
+            .map_err(|e| SerialStateError::Rebuild(e.to_string()))?;
+        let muted = trigger.muted.clone();
+        // Take the UART out, keeping its output for the rebuilt one.
+        let old = std::mem::replace(
+            &mut self.uart,
+            Serial::new(placeholder_trigger, Box::new(std::io::sink())),
+        );
+        let out = old.into_writer();
+        muted.store(true, Ordering::SeqCst);
+        let rebuilt = Serial::from_state(&state.into(), trigger, NoEvents, out);
+        muted.store(false, Ordering::SeqCst);
+        match rebuilt {
+            Ok(uart) => {
+                self.uart = uart;
+                Ok(())
+            }
+            // Cannot happen: the FIFO was checked and a muted trigger does
+            // not fail. The console output is lost with the old UART.
+            Err(e) => Err(SerialStateError::Rebuild(e.to_string())),
         }
     }
 
@@ -226,5 +388,62 @@ mod tests {
         let mut rx = [0u8];
         s.read(0, &mut rx);
         assert_eq!(rx, [b'x']);
+    }
+
+    #[test]
+    fn serial_state_loads_into_another_uart_without_an_interrupt() {
+        let mut a = SerialDevice::new(EventFd::new(0).unwrap(), Box::new(std::io::sink()));
+        a.write(7, &[0x5a]); // scratch
+        a.write(3, &[0x03]); // 8N1
+        a.write(1, &[0x01]); // receive-data interrupt on
+        assert_eq!(a.enqueue_input(b"abc"), 3);
+        let mut first = [0u8];
+        a.read(0, &mut first);
+        assert_eq!(first, [b'a']);
+        let saved = a.save_state();
+        assert_eq!(saved.rx_fifo, b"bc");
+        assert_eq!(saved.scratch, 0x5a);
+
+        // Through the codec and into a UART with its own output and
+        // interrupt eventfd.
+        let enc = postcard::to_allocvec(&saved).unwrap();
+        let decoded: SerialSnapshot = postcard::from_bytes(&enc).unwrap();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        struct Out(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl Write for Out {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut b = SerialDevice::new(irq.try_clone().unwrap(), Box::new(Out(out.clone())));
+        b.load_state(&decoded).unwrap();
+        assert!(irq.read().is_err(), "loading raised an interrupt");
+        assert_eq!(b.save_state(), saved);
+        let mut r = [0u8];
+        b.read(7, &mut r);
+        assert_eq!(r, [0x5a]);
+        b.read(0, &mut r);
+        assert_eq!(r, [b'b']);
+        // The output still reaches the UART's own writer, and interrupts
+        // work again after the load.
+        b.write(0, b"!");
+        assert_eq!(&*out.lock().unwrap(), b"!");
+        b.enqueue_input(b"x");
+        assert_eq!(irq.read().unwrap(), 1);
+
+        let too_full = SerialSnapshot {
+            rx_fifo: vec![0; SERIAL_FIFO_SIZE + 1],
+            ..saved
+        };
+        let err = b.load_state(&too_full).unwrap_err();
+        assert!(err.to_string().contains("receive FIFO"), "{err}");
+        // A refused state changes nothing.
+        b.read(7, &mut r);
+        assert_eq!(r, [0x5a]);
     }
 }

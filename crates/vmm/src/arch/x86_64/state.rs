@@ -37,24 +37,34 @@ pub enum StateError {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct VcpuSnapshot {
     /// CPUID as set for this vCPU.
+    #[serde(with = "crate::snapshot::codec::kvm_seq")]
     pub cpuid: Vec<kvm_cpuid_entry2>,
     /// Running, halted, waiting for SIPI...
+    #[serde(with = "crate::snapshot::codec::kvm")]
     pub mp_state: kvm_mp_state,
     /// General registers.
+    #[serde(with = "crate::snapshot::codec::kvm")]
     pub regs: kvm_regs,
     /// Segment, control and descriptor-table registers.
+    #[serde(with = "crate::snapshot::codec::kvm")]
     pub sregs: kvm_sregs,
     /// x87/SSE/AVX state.
+    #[serde(with = "crate::snapshot::codec::kvm")]
     pub xsave: kvm_xsave,
     /// Extended control registers.
+    #[serde(with = "crate::snapshot::codec::kvm")]
     pub xcrs: kvm_xcrs,
     /// Debug registers.
+    #[serde(with = "crate::snapshot::codec::kvm")]
     pub debug_regs: kvm_debugregs,
     /// The local APIC's registers.
+    #[serde(with = "crate::snapshot::codec::kvm")]
     pub lapic: kvm_lapic_state,
     /// Every MSR KVM lets the VMM read for this vCPU.
+    #[serde(with = "crate::snapshot::codec::kvm_seq")]
     pub msrs: Vec<kvm_msr_entry>,
     /// Pending exceptions, interrupts, NMIs and SMIs.
+    #[serde(with = "crate::snapshot::codec::kvm")]
     pub events: kvm_vcpu_events,
 }
 
@@ -185,14 +195,19 @@ pub fn load_vcpu(vcpu: &VcpuFd, s: &VcpuSnapshot) -> Result<(), StateError> {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VmArchSnapshot {
     /// kvmclock.
+    #[serde(with = "crate::snapshot::codec::kvm")]
     pub clock: kvm_clock_data,
     /// The 8254 PIT.
+    #[serde(with = "crate::snapshot::codec::kvm")]
     pub pit: kvm_pit_state2,
     /// The master 8259 PIC.
+    #[serde(with = "crate::snapshot::codec::kvm")]
     pub pic_master: kvm_irqchip,
     /// The slave 8259 PIC.
+    #[serde(with = "crate::snapshot::codec::kvm")]
     pub pic_slave: kvm_irqchip,
     /// The IOAPIC.
+    #[serde(with = "crate::snapshot::codec::kvm")]
     pub ioapic: kvm_irqchip,
 }
 

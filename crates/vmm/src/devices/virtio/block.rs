@@ -269,6 +269,16 @@ impl VirtioDevice for Block {
         self.backend = Some(handler.backend);
         Some(vec![handler.queue])
     }
+
+    fn sync_backend(&mut self) -> std::io::Result<()> {
+        match &mut self.backend {
+            Some(backend) => backend.flush(),
+            // Running (the worker has it) or lost with a failed worker.
+            None => Err(std::io::Error::other(
+                "the disk's back end is in use by its worker or was lost",
+            )),
+        }
+    }
 }
 
 /// How a request ended: the status byte and the bytes written into the

@@ -18,8 +18,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::queue::QueueState;
 use super::{
-    ActivateError, Activation, Error, F_VERSION_1, Interrupt, VirtioDevice, VirtioState, WarnLimit,
-    read_config,
+    ActivateError, Activation, Error, F_VERSION_1, Interrupt, StateError, VirtioDevice,
+    VirtioState, WarnLimit, read_config,
 };
 use crate::devices::BusDevice;
 use crate::memory::GuestMemoryMmap;
@@ -142,7 +142,128 @@ impl MmioTransport {
             config_generation: self.config_generation,
             config: self.device.config_space(),
             queues: self.queues.clone(),
+            device: self.device.device_state(),
         }
+    }
+
+    /// The virtio device type.
+    pub fn device_type(&self) -> u32 {
+        self.device.device_type()
+    }
+
+    /// Checks, without changing anything, that `state` fits this device:
+    /// the same kind of device, offering the same features, with the same
+    /// configuration space (MAC address, disk size), queues the device
+    /// could have, and — for a device the driver had started — queues that
+    /// can run in this guest memory.
+    pub fn check_state(&self, state: &VirtioState) -> Result<(), StateError> {
+        let fail = |why: String| StateError {
+            device: self.device.name().to_string(),
+            why,
+        };
+        let here = self.device.device_type();
+        if state.device_type != here {
+            return Err(fail(format!(
+                "it is saved as device type {}, this device is of type {here}",
+                state.device_type
+            )));
+        }
+        let avail = self.device.avail_features();
+        if state.avail_features != avail {
+            return Err(fail(format!(
+                "the saved device offered features {:#x}, this one offers {avail:#x} (is one of them a read-only disk?)",
+                state.avail_features
+            )));
+        }
+        let config = self.device.config_space();
+        if state.config != config {
+            return Err(fail(format!(
+                "its saved configuration space ({}) differs from this device's ({}): another MAC address or disk size",
+                hex(&state.config),
+                hex(&config)
+            )));
+        }
+        if state.acked_features & !avail != 0 {
+            return Err(fail(format!(
+                "the saved driver features {:#x} include some the device does not offer ({avail:#x})",
+                state.acked_features
+            )));
+        }
+        let known = ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK | FAILED | NEEDS_RESET;
+        if state.status & !known != 0 {
+            return Err(fail(format!(
+                "the saved device status {:#x} has unknown bits",
+                state.status
+            )));
+        }
+        let int_bits = super::INT_VRING | super::INT_CONFIG;
+        if state.interrupt_status & !int_bits != 0 {
+            return Err(fail(format!(
+                "the saved interrupt status {:#x} has unknown bits",
+                state.interrupt_status
+            )));
+        }
+        let sizes = self.device.queue_max_sizes();
+        if state.queues.len() != sizes.len() {
+            return Err(fail(format!(
+                "it is saved with {} queues, this device has {}",
+                state.queues.len(),
+                sizes.len()
+            )));
+        }
+        let started = state.status & DRIVER_OK != 0 && state.status & NEEDS_RESET == 0;
+        for (index, (q, &max)) in state.queues.iter().zip(sizes).enumerate() {
+            if q.max_size != max || q.size == 0 || q.size > max {
+                return Err(fail(format!(
+                    "saved queue {index} has size {} of at most {}, this device's queue holds {max}",
+                    q.size, q.max_size
+                )));
+            }
+            if started {
+                let queue = q
+                    .to_queue()
+                    .map_err(|e| fail(format!("saved queue {index} of the running device: {e}")))?;
+                if !q.ready || !queue.is_valid(&self.mem) {
+                    return Err(fail(format!(
+                        "saved queue {index} of the running device is not ready or not in guest memory"
+                    )));
+                }
+            }
+        }
+        self.device.check_device_state(&state.device).map_err(fail)
+    }
+
+    /// Replaces the device's state with `state` (checked first; nothing
+    /// changes if it does not fit). The device must be paused: a device
+    /// the driver had started comes back with the next [`Self::resume`],
+    /// its worker taking the queues from the saved indexes and first
+    /// processing whatever the driver made available.
+    pub fn load_state(&mut self, state: &VirtioState) -> Result<(), StateError> {
+        self.check_state(state)?;
+        self.stop_worker();
+        self.device.reset();
+        self.device.load_device_state(&state.device);
+        self.queues.clone_from(&state.queues);
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.acked_features = state.acked_features;
+        self.queue_sel = state.queue_sel;
+        self.status = state.status;
+        self.config_generation = state.config_generation;
+        self.interrupt.set_status(state.interrupt_status);
+        for evt in &self.queue_evts {
+            // Notifications of the replaced state; the worker looks at the
+            // whole available ring when it starts anyway.
+            let _ = evt.read();
+        }
+        self.paused = state.status & DRIVER_OK != 0 && state.status & NEEDS_RESET == 0;
+        Ok(())
+    }
+
+    /// Makes what the device wrote to its back end durable (syncs a disk
+    /// image). The device should be paused.
+    pub fn sync_backend(&mut self) -> std::io::Result<()> {
+        self.device.sync_backend()
     }
 
     /// Stops the worker thread (if it runs) and takes the queues back; the
@@ -462,6 +583,11 @@ impl MmioTransport {
             _ => {}
         }
     }
+}
+
+/// `bytes` as hex digits, for messages.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl BusDevice for MmioTransport {
@@ -845,5 +971,172 @@ mod tests {
         assert_eq!(t.queue_evts()[1].read().unwrap(), 1);
         assert!(t.queue_evts()[0].read().is_err());
         w(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 7);
+    }
+
+    /// A running device: features negotiated, both queues set up,
+    /// DRIVER_OK.
+    fn started(t: &mut MmioTransport, mem: &GuestMemoryMmap) {
+        let q0 = TestQueue::at(mem, 256, 0x10000);
+        let q1 = TestQueue::at(mem, 16, 0x20000);
+        negotiate(t, F_VERSION_1 | 1);
+        setup_queue(t, 0, 256, q0.desc.0);
+        setup_queue(t, 1, 16, q1.desc.0);
+        w(
+            t,
+            VIRTIO_MMIO_STATUS,
+            ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+        );
+        assert!(t.is_running());
+    }
+
+    #[test]
+    fn state_loads_into_another_transport_and_resumes_there() {
+        let (mut a, _, mem) = transport();
+        started(&mut a, &mem);
+        a.interrupt.signal_used();
+        w(&mut a, VIRTIO_MMIO_QUEUE_SEL, 1);
+        a.pause();
+        let mut saved = a.state();
+        saved.queues[0].next_avail = 41;
+        saved.queues[0].next_used = 40;
+
+        // A transport that has never been set up (a restore).
+        let record = Arc::new(Mutex::new(Record::default()));
+        let mut b = MmioTransport::new(
+            Box::new(Mock {
+                record: record.clone(),
+                queues: None,
+                sizes: vec![256, 16],
+            }),
+            mem.clone(),
+        )
+        .unwrap();
+        b.queue_evts()[0].write(3).unwrap();
+        b.load_state(&saved).unwrap();
+        assert_eq!(b.state(), saved);
+        assert!(!b.is_running(), "a loaded device waits for resume");
+        assert!(b.queue_evts()[0].read().is_err(), "stale notifications");
+        assert_eq!(r(&mut b, VIRTIO_MMIO_STATUS), 15);
+        assert_eq!(r(&mut b, VIRTIO_MMIO_INTERRUPT_STATUS), 1);
+        assert_eq!(r(&mut b, VIRTIO_MMIO_QUEUE_NUM_MAX), 16, "QueueSel kept");
+        b.resume();
+        assert!(b.is_running());
+        let rec = record.lock().unwrap();
+        assert_eq!(rec.activations.len(), 1);
+        assert_eq!(rec.activations[0].0, F_VERSION_1 | 1);
+        assert_eq!(rec.activations[0].1, saved.queues);
+    }
+
+    #[test]
+    fn state_loads_again_and_again_into_the_same_transport() {
+        let (mut t, record, mem) = transport();
+        let fresh = t.state();
+        started(&mut t, &mem);
+        t.pause();
+        let running = t.state();
+        // Back to the state before the driver came, then forward again.
+        t.load_state(&fresh).unwrap();
+        t.resume();
+        assert!(!t.is_running());
+        assert_eq!(t.state(), fresh);
+        t.load_state(&running).unwrap();
+        t.resume();
+        assert!(t.is_running());
+        // Loading into a running transport stops its worker first.
+        t.load_state(&fresh).unwrap();
+        assert!(!t.is_running());
+        let rec = record.lock().unwrap();
+        assert_eq!(rec.activations.len(), 2);
+        assert_eq!(rec.deactivations, 2);
+    }
+
+    #[test]
+    fn states_that_do_not_fit_are_refused_and_change_nothing() {
+        let (mut t, _, mem) = transport();
+        started(&mut t, &mem);
+        t.pause();
+        let good = t.state();
+        let before = t.state();
+        let cases: Vec<(VirtioState, &str)> = vec![
+            (
+                VirtioState {
+                    device_type: 2,
+                    ..good.clone()
+                },
+                "device type 2",
+            ),
+            (
+                VirtioState {
+                    avail_features: F_VERSION_1,
+                    ..good.clone()
+                },
+                "offered features",
+            ),
+            (
+                VirtioState {
+                    config: vec![1, 2, 3],
+                    ..good.clone()
+                },
+                "configuration space (010203)",
+            ),
+            (
+                VirtioState {
+                    acked_features: F_VERSION_1 | 0b10,
+                    ..good.clone()
+                },
+                "does not offer",
+            ),
+            (
+                VirtioState {
+                    status: 0x300,
+                    ..good.clone()
+                },
+                "unknown bits",
+            ),
+            (
+                VirtioState {
+                    interrupt_status: 4,
+                    ..good.clone()
+                },
+                "interrupt status",
+            ),
+            (
+                VirtioState {
+                    queues: good.queues[..1].to_vec(),
+                    ..good.clone()
+                },
+                "1 queues",
+            ),
+            (
+                VirtioState {
+                    device: super::super::DeviceSpecific::Net { pending_rx: None },
+                    ..good.clone()
+                },
+                "another device kind",
+            ),
+        ];
+        let mut far = good.clone();
+        far.queues[1].desc_table = 0x7000_0000;
+        let mut big = good.clone();
+        big.queues[1].size = 32;
+        let mut odd = good.clone();
+        odd.queues[0].size = 100;
+        let mut cases = cases;
+        cases.push((far, "not in guest memory"));
+        cases.push((big, "size 32"));
+        cases.push((odd, "queue 0 of the running device"));
+        for (state, want) in cases {
+            let err = t.load_state(&state).unwrap_err().to_string();
+            assert!(err.starts_with("cannot load the saved state of virtio device mock: "));
+            assert!(err.contains(want), "{err} (wanted {want:?})");
+            assert_eq!(t.state(), before);
+        }
+        // A device not yet started may hold a queue it could not run.
+        let mut setting_up = good.clone();
+        setting_up.status = ACKNOWLEDGE | DRIVER | FEATURES_OK;
+        setting_up.queues[0].size = 100;
+        t.load_state(&setting_up).unwrap();
+        t.resume();
+        assert!(!t.is_running());
     }
 }

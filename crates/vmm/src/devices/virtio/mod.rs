@@ -356,6 +356,58 @@ pub trait VirtioDevice: Send {
     /// Forgets in-flight work (a frame read from the back end but not yet
     /// delivered); called on a driver reset, after [`Self::deactivate`].
     fn reset(&mut self) {}
+    /// The device's own state beyond the transport's registers and queues.
+    /// Exact only while the device is not active (paused).
+    fn device_state(&self) -> DeviceSpecific {
+        DeviceSpecific::None
+    }
+    /// Checks that [`Self::load_device_state`] would accept `state`;
+    /// returns what is wrong otherwise.
+    fn check_device_state(&self, state: &DeviceSpecific) -> Result<(), String> {
+        match state {
+            DeviceSpecific::None => Ok(()),
+            other => Err(format!(
+                "its saved state is of another device kind ({other:?})"
+            )),
+        }
+    }
+    /// Takes `state`, checked by [`Self::check_device_state`], as its own.
+    /// Called on an inactive device, after [`Self::reset`].
+    fn load_device_state(&mut self, _state: &DeviceSpecific) {}
+    /// Makes everything written to the back end durable (a disk image is
+    /// synced); called while the device is paused.
+    fn sync_backend(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What a device holds beyond the transport's registers and queues.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceSpecific {
+    /// Nothing. virtio-blk is so: its worker completes every request it
+    /// takes from the queue (data, status byte, used-ring entry) before it
+    /// looks for the next one or stops, so a paused disk has no request
+    /// half done; requests the driver queued meanwhile wait in the
+    /// available ring, which is guest memory.
+    #[default]
+    None,
+    /// virtio-net.
+    Net {
+        /// A frame taken from the back end that no receive buffer has taken
+        /// yet (the guest had none free).
+        #[serde(with = "crate::snapshot::codec::opt_bytes")]
+        pending_rx: Option<Vec<u8>>,
+    },
+}
+
+/// A saved device state that does not fit the device it is loaded into.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot load the saved state of virtio device {device}: {why}")]
+pub struct StateError {
+    /// The device.
+    pub device: String,
+    /// What does not fit.
+    pub why: String,
 }
 
 /// Reads `data.len()` bytes at `offset` of a configuration space; bytes
@@ -371,8 +423,9 @@ pub fn read_config(config: &[u8], offset: u64, data: &mut [u8]) {
     }
 }
 
-/// The state of a virtio-mmio device the guest can observe, in plain data:
-/// what a snapshot or checkpoint must carry to recreate it.
+/// The state of a virtio-mmio device, in plain data: what a snapshot or
+/// checkpoint must carry to recreate it — what the guest can observe, and
+/// the work the device holds between its back end and its queues.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VirtioState {
     /// virtio device type.
@@ -394,9 +447,13 @@ pub struct VirtioState {
     /// ConfigGeneration.
     pub config_generation: u32,
     /// The device-specific configuration space.
+    #[serde(with = "crate::snapshot::codec::bytes")]
     pub config: Vec<u8>,
     /// The queues.
+    #[serde(with = "crate::snapshot::codec::seq")]
     pub queues: Vec<QueueState>,
+    /// The device's own state (in-flight work).
+    pub device: DeviceSpecific,
 }
 
 /// Rate limit for warnings about guest misbehaviour, so that a guest
@@ -562,6 +619,88 @@ mod tests {
         t.write(0x70, &0u32.to_le_bytes());
         assert!(!t.is_running());
         assert_eq!(t.state().queues[0], QueueState::new(256));
+    }
+
+    #[test]
+    fn a_pending_frame_moves_with_the_state_to_another_device() {
+        use crate::devices::BusDevice;
+        use net::tests::MockBackend;
+        use testutil::{F_WRITE, TestQueue, driver_start, test_memory, wait_for};
+        use vm_memory::{Bytes, GuestAddress};
+
+        let mem = test_memory();
+        let features = F_VERSION_1 | 1 << 5 | 1 << 16;
+        let queues = [(256, 0x10000), (256, 0x20000)];
+        let backend_a = MockBackend::new();
+        let mut a = MmioTransport::new(
+            Box::new(Net::new(
+                "net0".into(),
+                net::default_mac(0),
+                Box::new(backend_a.clone()),
+            )),
+            mem.clone(),
+        )
+        .unwrap();
+        let rxq = TestQueue::at(&mem, 256, 0x10000);
+        let _txq = TestQueue::at(&mem, 256, 0x20000);
+        driver_start(&mut a, features, &queues);
+        // One receive buffer, two frames: the second waits in the device.
+        rxq.set_desc(0, 0x200000, 1526, F_WRITE, 0);
+        rxq.push_avail(0);
+        a.write(mmio::NOTIFY_OFFSET, &0u32.to_le_bytes());
+        backend_a.inject(b"first");
+        backend_a.inject(b"second, held by the device");
+        assert!(wait_for(|| rxq.used_idx() == 1));
+        assert!(wait_for(|| backend_a.inbox.lock().unwrap().is_empty()));
+        a.pause();
+        let saved = a.state();
+        assert_eq!(
+            saved.device,
+            DeviceSpecific::Net {
+                pending_rx: Some(b"second, held by the device".to_vec())
+            }
+        );
+        assert_eq!(
+            (saved.queues[0].next_avail, saved.queues[0].next_used),
+            (1, 1)
+        );
+        drop(a);
+
+        // Another device, on another back end, takes the state; its next
+        // receive buffer gets the held frame.
+        let backend_b = MockBackend::new();
+        let mut b = MmioTransport::new(
+            Box::new(Net::new(
+                "net0".into(),
+                net::default_mac(0),
+                Box::new(backend_b.clone()),
+            )),
+            mem.clone(),
+        )
+        .unwrap();
+        b.load_state(&saved).unwrap();
+        assert_eq!(b.state(), saved);
+        b.resume();
+        assert!(b.is_running());
+        rxq.set_desc(1, 0x201000, 1526, F_WRITE, 0);
+        rxq.push_avail(1);
+        b.write(mmio::NOTIFY_OFFSET, &0u32.to_le_bytes());
+        assert!(wait_for(|| rxq.used_idx() == 2));
+        assert_eq!(rxq.used_elem(1), (1, 12 + 26));
+        let mut got = [0u8; 26];
+        mem.read_slice(&mut got, GuestAddress(0x201000 + 12))
+            .unwrap();
+        assert_eq!(&got, b"second, held by the device");
+        b.pause();
+        assert_eq!(b.state().device, DeviceSpecific::Net { pending_rx: None });
+
+        // A held frame larger than any frame is refused.
+        let mut bad = saved.clone();
+        bad.device = DeviceSpecific::Net {
+            pending_rx: Some(vec![0; net::MAX_FRAME_LEN + 1]),
+        };
+        let err = b.load_state(&bad).unwrap_err().to_string();
+        assert!(err.contains("pending frame has 65555 bytes"), "{err}");
     }
 
     #[test]

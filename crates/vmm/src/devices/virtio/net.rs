@@ -17,7 +17,9 @@ use vm_memory::GuestAddress;
 
 use super::queue::{self, Chain};
 use super::worker::{QueueHandler, Worker};
-use super::{ActivateError, Activation, F_VERSION_1, TYPE_NET, VirtioDevice, WarnLimit};
+use super::{
+    ActivateError, Activation, DeviceSpecific, F_VERSION_1, TYPE_NET, VirtioDevice, WarnLimit,
+};
 use crate::NetConfig;
 use crate::memory::GuestMemoryMmap;
 
@@ -185,6 +187,36 @@ impl VirtioDevice for Net {
 
     fn reset(&mut self) {
         self.pending = None;
+    }
+
+    fn device_state(&self) -> DeviceSpecific {
+        DeviceSpecific::Net {
+            pending_rx: self.pending.clone(),
+        }
+    }
+
+    fn check_device_state(&self, state: &DeviceSpecific) -> Result<(), String> {
+        match state {
+            DeviceSpecific::Net { pending_rx: None } => Ok(()),
+            DeviceSpecific::Net {
+                pending_rx: Some(frame),
+            } if !frame.is_empty() && frame.len() <= MAX_FRAME_LEN => Ok(()),
+            DeviceSpecific::Net {
+                pending_rx: Some(frame),
+            } => Err(format!(
+                "its saved pending frame has {} bytes (1 to {MAX_FRAME_LEN} allowed)",
+                frame.len()
+            )),
+            other => Err(format!(
+                "its saved state is not a network device's ({other:?})"
+            )),
+        }
+    }
+
+    fn load_device_state(&mut self, state: &DeviceSpecific) {
+        if let DeviceSpecific::Net { pending_rx } = state {
+            self.pending.clone_from(pending_rx);
+        }
     }
 }
 

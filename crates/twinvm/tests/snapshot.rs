@@ -1,0 +1,511 @@
+//! Snapshots and state loads with the bundled test guest: a snapshot
+//! restored into a new VM continues the guest's counter and clock; a disk
+//! workload in flight survives a snapshot, and state loads again and again
+//! into the same VM objects; bad snapshot files get clear errors.
+
+mod common;
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::TempDir;
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+use vmm::{Console, DiskConfig, KernelSource, Vm, VmConfig, VmExit};
+
+const ELF: &[u8] = include_bytes!(env!("TWINVM_TESTGUEST_ELF"));
+const T: Duration = Duration::from_secs(60);
+const MEMORY: u64 = 128 << 20;
+/// IA32_TSC.
+const MSR_TSC: u32 = 0x10;
+
+/// Serial output split into lines and sent over a channel; the line being
+/// written is shared, so that a VM restored from a snapshot can finish the
+/// line its original was in the middle of.
+struct LineSink {
+    partial: Arc<Mutex<Vec<u8>>>,
+    lines: Sender<String>,
+}
+
+impl Write for LineSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut partial = self.partial.lock().unwrap();
+        for &b in buf {
+            if b == b'\n' {
+                let line = String::from_utf8_lossy(&partial).trim_end().to_string();
+                partial.clear();
+                let _ = self.lines.send(line);
+            } else {
+                partial.push(b);
+            }
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A VM's console: its lines, and the unfinished one.
+struct Lines {
+    rx: Receiver<String>,
+    partial: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Lines {
+    fn wait(&self, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + T;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(line) if pred(&line) => return line,
+                Ok(line) => seen.push(line),
+                Err(_) => panic!("no matching console line within {T:?}; got {seen:#?}"),
+            }
+        }
+    }
+
+    fn wait_counter(&self) -> u64 {
+        counter_of(&self.wait(|l| l.starts_with("counter=")))
+    }
+
+    /// The lines printed so far (draining them).
+    fn drain(&self) -> Vec<String> {
+        self.rx.try_iter().collect()
+    }
+}
+
+fn config(cmdline: &str, disk: Option<&Path>) -> VmConfig {
+    VmConfig {
+        memory_bytes: MEMORY,
+        vcpus: 1,
+        kernel: KernelSource::Bytes(ELF),
+        initrd: None,
+        cmdline: cmdline.into(),
+        net: Vec::new(),
+        disks: disk
+            .map(|p| DiskConfig {
+                path: p.to_path_buf(),
+                readonly: false,
+                serial: None,
+            })
+            .into_iter()
+            .collect(),
+    }
+}
+
+/// Builds a VM (paused, not started) whose console starts with `partial`.
+fn build(config: &VmConfig, partial: Vec<u8>) -> (Vm, Lines) {
+    let (tx, rx) = channel();
+    let partial = Arc::new(Mutex::new(partial));
+    let console = Console {
+        output: Box::new(LineSink {
+            partial: partial.clone(),
+            lines: tx,
+        }),
+        input: None,
+    };
+    let vm = Vm::new(config, console).expect("build VM");
+    (vm, Lines { rx, partial })
+}
+
+fn boot(config: &VmConfig) -> (Vm, Lines) {
+    let (vm, lines) = build(config, Vec::new());
+    vm.start().expect("start VM");
+    lines.wait(|l| l == "TWINVM TESTGUEST READY");
+    (vm, lines)
+}
+
+/// The `counter=<n>` value of a counter line.
+fn counter_of(line: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("counter="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no counter in {line:?}"))
+}
+
+fn last_counter(lines: &[String]) -> Option<u64> {
+    lines
+        .iter()
+        .rev()
+        .find(|l| l.starts_with("counter="))
+        .map(|l| counter_of(l))
+}
+
+fn power_off(vm: Vm) {
+    assert_eq!(
+        vm.send_console_input(b"poweroff\n", Duration::from_secs(10)),
+        9
+    );
+    assert_eq!(vm.wait().expect("clean exit"), VmExit::PowerOff);
+}
+
+fn tsc(state: &vmm::MachineState) -> u64 {
+    state.vcpus[0]
+        .msrs
+        .iter()
+        .find(|m| m.index == MSR_TSC)
+        .expect("the TSC is among the saved MSRs")
+        .data
+}
+
+/// `err` and its sources on one line, as twinvm prints errors.
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut msg = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
+}
+
+#[test]
+fn restored_guest_continues_its_counter_and_clock() {
+    if !common::kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("snapshot-counter");
+    let snap = dir.path().join("snap");
+    let config = config("dirty_rate=500", None);
+    let (vm, lines) = boot(&config);
+    let mut last = lines.wait_counter();
+    last = lines.wait_counter().max(last);
+
+    vm.pause().expect("pause");
+    last = last_counter(&lines.drain()).unwrap_or(last);
+    let before = vm.save_machine_state().expect("state");
+    let identity = vm.identity();
+    vm.snapshot_to(&snap).expect("snapshot");
+    // Taking a snapshot leaves the VM paused and its state as it was.
+    assert!(vm.is_paused());
+    assert_eq!(
+        vm.save_machine_state().unwrap().vcpus[0].regs.rip,
+        before.vcpus[0].regs.rip
+    );
+
+    // The directory: the two files, nothing else; the memory file sparse.
+    let mut names: Vec<String> = std::fs::read_dir(&snap)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["memory.bin", "state.bin"]);
+    let meta = std::fs::metadata(snap.join("memory.bin")).unwrap();
+    assert_eq!(meta.len(), MEMORY);
+    use std::os::unix::fs::MetadataExt;
+    assert!(
+        meta.blocks() * 512 < MEMORY / 2,
+        "memory.bin occupies {} bytes: zero pages were written",
+        meta.blocks() * 512
+    );
+
+    let partial = lines.partial.lock().unwrap().clone();
+    drop(vm);
+
+    // A new VM with the same configuration, restored from the directory.
+    let (vm, lines) = build(&config, partial);
+    assert_ne!(vm.identity(), identity);
+    vm.restore_from(&snap).expect("restore");
+    assert_eq!(vm.identity(), identity, "a restored VM keeps its identity");
+    let restored = vm.save_machine_state().expect("state");
+    assert!(
+        restored.arch.clock.clock >= before.arch.clock.clock,
+        "kvmclock went back from {} to {}",
+        before.arch.clock.clock,
+        restored.arch.clock.clock
+    );
+    assert!(
+        tsc(&restored) >= tsc(&before),
+        "the TSC went back from {} to {}",
+        tsc(&before),
+        tsc(&restored)
+    );
+    assert_eq!(restored.vcpus[0].regs.rip, before.vcpus[0].regs.rip);
+
+    vm.start().expect("start");
+    let first = lines.wait_counter();
+    assert_eq!(
+        first,
+        last + 100,
+        "the last counter before the snapshot was {last}; the restored guest printed {first} first"
+    );
+    assert_eq!(lines.wait_counter(), last + 200);
+    assert!(
+        !lines.drain().iter().any(|l| l.contains("READY")),
+        "the guest booted again"
+    );
+    power_off(vm);
+}
+
+/// A copy of all guest RAM, region by region.
+fn copy_ram(vm: &Vm) -> Vec<(vm_memory::GuestAddress, Vec<u8>)> {
+    vm.memory()
+        .iter()
+        .map(|r| {
+            let mut buf = vec![0u8; r.len() as usize];
+            vm.memory()
+                .read_slice(&mut buf, r.start_addr())
+                .expect("read RAM");
+            (r.start_addr(), buf)
+        })
+        .collect()
+}
+
+fn write_ram(vm: &Vm, ram: &[(vm_memory::GuestAddress, Vec<u8>)]) {
+    for (addr, bytes) in ram {
+        vm.memory().write_slice(bytes, *addr).expect("write RAM");
+    }
+}
+
+const RECORDS: u64 = 64;
+/// Records at 10 a second: more than six seconds of disk writes.
+const DISK_WORKLOAD: &str = "disk=records disk_records=64 disk_rate=10 disk_verify=1";
+
+fn disk_image(dir: &TempDir) -> std::path::PathBuf {
+    let image = dir.path().join("disk.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    image
+}
+
+/// Waits for the guest to write and verify all its records.
+fn records_complete(lines: &Lines) {
+    lines.wait(|l| l == format!("disk wrote {RECORDS} records"));
+    lines.wait(|l| l == format!("disk verified {RECORDS} records"));
+}
+
+#[test]
+fn a_disk_workload_in_flight_survives_snapshot_and_restore() {
+    if !common::kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("snapshot-disk");
+    let image = disk_image(&dir);
+    let snap = dir.path().join("snap");
+    let config = config(DISK_WORKLOAD, Some(&image));
+    let (vm, lines) = boot(&config);
+    lines.wait(|l| l.starts_with("disk0 capacity=2048"));
+    lines.wait_counter();
+
+    vm.pause().expect("pause");
+    let seen = lines.drain();
+    assert!(
+        !seen.iter().any(|l| l.starts_with("disk wrote")),
+        "the workload ended before the snapshot: {seen:?}"
+    );
+    let saved = vm.save_state().expect("state");
+    let disk = &saved.devices.virtio[0];
+    assert_eq!(disk.status, 15, "the disk is running (DRIVER_OK)");
+    assert!(
+        disk.queues[0].next_used > 2,
+        "records were being written: {:?}",
+        disk.queues[0]
+    );
+    vm.snapshot_to(&snap).expect("snapshot");
+    let partial = lines.partial.lock().unwrap().clone();
+    // The original stops here; its disk image stays as at the snapshot.
+    drop(vm);
+
+    let (vm, lines) = build(&config, partial);
+    vm.restore_from(&snap).expect("restore");
+    // The devices are exactly as saved.
+    assert_eq!(vm.save_state().expect("state").devices, saved.devices);
+    vm.start().expect("start");
+    records_complete(&lines);
+    let after = lines.drain();
+    assert!(
+        !after.iter().any(|l| l.starts_with("disk0 capacity")),
+        "the guest set its disk up again: {after:?}"
+    );
+    power_off(vm);
+}
+
+#[test]
+fn state_loads_again_and_again_into_the_same_vm_with_its_disk() {
+    if !common::kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("snapshot-reload");
+    let image = disk_image(&dir);
+    let (vm, lines) = boot(&config(DISK_WORKLOAD, Some(&image)));
+    lines.wait(|l| l.starts_with("disk0 capacity=2048"));
+    let mut seen_a = lines.wait_counter();
+
+    // State A, encoded, and RAM.
+    vm.pause().expect("pause");
+    seen_a = last_counter(&lines.drain()).unwrap_or(seen_a);
+    let state_a = vm.save_state_bytes().expect("save A");
+    let ram_a = copy_ram(&vm);
+    let used_a = vm.save_state().unwrap().devices.virtio[0].queues[0].next_used;
+    vm.resume().expect("resume");
+
+    for _ in 0..2 {
+        lines.wait_counter();
+    }
+    vm.pause().expect("pause");
+    let seen_b = last_counter(&lines.drain()).unwrap_or(0).max(seen_a + 200);
+    let state_b = vm.save_state_bytes().expect("save B");
+    let ram_b = copy_ram(&vm);
+    let used_b = vm.save_state().unwrap().devices.virtio[0].queues[0].next_used;
+    assert!(
+        used_b > used_a,
+        "no disk progress between A ({used_a}) and B ({used_b})"
+    );
+
+    // State of another VM is refused, and the VM is untouched.
+    let other = vmm::VmId([0x42; 16]);
+    let err = vm.load_state_bytes(&state_a, Some(other)).unwrap_err();
+    assert!(chain(&err).contains("belongs to VM"), "{}", chain(&err));
+
+    // Back to A: the guest continues from A's counter, its disk from A's
+    // queue position.
+    write_ram(&vm, &ram_a);
+    vm.load_state_bytes(&state_a, Some(vm.identity()))
+        .expect("load A");
+    assert_eq!(
+        vm.save_state().unwrap().devices.virtio[0].queues[0].next_used,
+        used_a
+    );
+    vm.resume().expect("resume");
+    let after_a = lines.wait_counter();
+    assert!(
+        after_a > seen_a && after_a <= seen_a + 100 && after_a < seen_b,
+        "after loading A (last seen {seen_a}) the guest printed {after_a}; B was at {seen_b}"
+    );
+
+    // Forward to B, into the same VM objects again.
+    vm.pause().expect("pause");
+    lines.drain();
+    write_ram(&vm, &ram_b);
+    vm.load_state_bytes(&state_b, None).expect("load B");
+    vm.resume().expect("resume");
+    let after_b = lines.wait_counter();
+    assert!(
+        after_b > seen_b - 100 && after_b <= seen_b + 100,
+        "after loading B (at {seen_b}) the guest printed {after_b}"
+    );
+    // The workload finishes from B and every record verifies.
+    records_complete(&lines);
+    power_off(vm);
+}
+
+/// Changes the contents of `state.bin` and `memory.bin`.
+type Edit = Box<dyn FnOnce(&mut Vec<u8>, &mut Vec<u8>)>;
+
+/// Copies a snapshot directory, changing its files with `edit`.
+fn altered(from: &Path, to: &Path, edit: Edit) {
+    std::fs::create_dir_all(to).unwrap();
+    let mut state = std::fs::read(from.join("state.bin")).unwrap();
+    let mut memory = std::fs::read(from.join("memory.bin")).unwrap();
+    edit(&mut state, &mut memory);
+    std::fs::write(to.join("state.bin"), state).unwrap();
+    std::fs::write(to.join("memory.bin"), memory).unwrap();
+}
+
+#[test]
+fn bad_snapshots_are_refused_with_clear_errors() {
+    if !common::kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("snapshot-bad");
+    let good = dir.path().join("good");
+    // Small, as every case copies the memory file.
+    let config = VmConfig {
+        memory_bytes: 32 << 20,
+        ..config("", None)
+    };
+    let (vm, lines) = boot(&config);
+    vm.pause().expect("pause");
+    vm.snapshot_to(&good).expect("snapshot");
+    drop(vm);
+    drop(lines);
+
+    let cases: Vec<(&str, Edit, &str)> = vec![
+        (
+            "truncated",
+            Box::new(|s, _| s.truncate(s.len() / 2)),
+            "the state is truncated",
+        ),
+        (
+            "flipped",
+            Box::new(|s, _| {
+                let at = s.len() - 100;
+                s[at] ^= 0x04;
+            }),
+            "the state is corrupt (CRC32",
+        ),
+        (
+            "version",
+            Box::new(|s, _| s[8..12].copy_from_slice(&2u32.to_le_bytes())),
+            "the state is in format version 2, this twinvm reads version 1 only",
+        ),
+        (
+            "garbage",
+            Box::new(|s, _| s.extend_from_slice(b"\n")),
+            "1 bytes of trailing garbage",
+        ),
+        (
+            "not-state",
+            Box::new(|s, _| *s = b"{\"state\": 1}".to_vec()),
+            "not twinvm state",
+        ),
+        (
+            "short-memory",
+            Box::new(|_, m| m.truncate(m.len() - 4096)),
+            "memory.bin is 33550336 bytes long, the snapshot's guest memory is 33554432 bytes",
+        ),
+        (
+            "flipped-memory",
+            Box::new(|_, m| m[0x20_0000] ^= 1),
+            "memory.bin is corrupt or from another snapshot",
+        ),
+    ];
+    let (vm, lines) = build(&config, Vec::new());
+    for (name, edit, want) in cases {
+        let bad = dir.path().join(name);
+        altered(&good, &bad, edit);
+        let err = chain(&vm.restore_from(&bad).unwrap_err());
+        std::fs::remove_dir_all(&bad).unwrap();
+        assert!(err.contains(want), "{name}: {err}");
+        if !name.ends_with("memory") {
+            assert!(
+                err.starts_with(&format!(
+                    "cannot restore from {}",
+                    bad.join("state.bin").display()
+                )),
+                "{name}: {err}"
+            );
+        }
+    }
+    let err = chain(&vm.restore_from(&dir.path().join("nothing")).unwrap_err());
+    assert!(err.contains("holds no complete snapshot"), "{err}");
+
+    // A VM of another size.
+    let (small, _small_lines) = build(
+        &VmConfig {
+            memory_bytes: 16 << 20,
+            ..config.clone()
+        },
+        Vec::new(),
+    );
+    let err = chain(&small.restore_from(&good).unwrap_err());
+    assert!(
+        err.contains("the state is of a VM with 33554432 bytes of memory, this VM has 16777216"),
+        "{err}"
+    );
+    drop(small);
+
+    // After all that, the good snapshot restores and the guest runs.
+    vm.restore_from(&good).expect("restore");
+    vm.start().expect("start");
+    assert_eq!(
+        vm.send_console_input(b"counter\n", Duration::from_secs(10)),
+        8
+    );
+    lines.wait(|l| l.starts_with("counter="));
+    power_off(vm);
+}
