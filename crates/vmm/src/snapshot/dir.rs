@@ -168,9 +168,9 @@ fn write_file_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), Sna
     std::fs::rename(&tmp, &path).map_err(io_error("rename into place", &path))
 }
 
-/// Writes guest RAM, region after region, to `path` (through a synced
-/// temporary file), leaving all-zero pages as holes. Returns the file's
-/// length and CRC32.
+/// Writes guest RAM, region after region, to `dir/memory.bin` (through a
+/// synced temporary file), leaving all-zero pages as holes. Returns the
+/// file's length and CRC32.
 pub fn write_memory(mem: &GuestMemoryMmap, dir: &Path) -> Result<MemoryImage, SnapshotError> {
     let tmp = temp_path(dir, MEMORY_FILE);
     let file = File::create(&tmp).map_err(io_error("create", &tmp))?;

@@ -321,8 +321,16 @@ fn header_len(devices: usize) -> usize {
     FIXED_LEN + 4 * devices + 8
 }
 
-/// Frames an already encoded body.
-fn frame(kind: u32, identity: VmId, fp: &ConfigFingerprint, body: &[u8]) -> Vec<u8> {
+/// Frames an already encoded body: header, `body`, checksums. [`encode`]
+/// uses it; so can a stream that encodes its body itself, and tests and
+/// fuzzing of the decoder (a body of any bytes, with valid checksums).
+pub fn encode_body(
+    kind: PayloadKind,
+    identity: VmId,
+    fp: &ConfigFingerprint,
+    body: &[u8],
+) -> Vec<u8> {
+    let kind = kind as u32;
     let mut out = Vec::with_capacity(header_len(fp.devices.len()) + 8 + body.len());
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -350,7 +358,7 @@ pub fn encode<T: Payload>(
     body: &T,
 ) -> Result<Vec<u8>, FormatError> {
     let bytes = postcard::to_stdvec(body).map_err(FormatError::Encode)?;
-    Ok(frame(T::KIND as u32, identity, fingerprint, &bytes))
+    Ok(encode_body(T::KIND, identity, fingerprint, &bytes))
 }
 
 fn truncated(needed: usize, got: usize) -> FormatError {

@@ -338,26 +338,21 @@ fn state_of_another_vm_or_shape_is_refused() {
 fn bodies_that_do_not_decode_are_refused() {
     let fp = fingerprint();
     // Valid checksums around garbage.
-    let b = frame(PayloadKind::VmState as u32, ID, &fp, &[0xff; 40]);
+    let b = encode_body(PayloadKind::VmState, ID, &fp, &[0xff; 40]);
     let err = decode_sample(&b).unwrap_err();
     assert!(matches!(err, FormatError::Body(_)), "{err:?}");
     assert!(err.to_string().contains("does not decode"));
     // A valid body followed by more bytes.
     let mut body = postcard::to_stdvec(&state(2)).unwrap();
     body.push(0);
-    let b = frame(PayloadKind::VmState as u32, ID, &fp, &body);
+    let b = encode_body(PayloadKind::VmState, ID, &fp, &body);
     assert!(matches!(
         decode_sample(&b),
         Err(FormatError::BodyTrailing(1))
     ));
     // A body cut short.
     let body = postcard::to_stdvec(&state(2)).unwrap();
-    let b = frame(
-        PayloadKind::VmState as u32,
-        ID,
-        &fp,
-        &body[..body.len() - 1],
-    );
+    let b = encode_body(PayloadKind::VmState, ID, &fp, &body[..body.len() - 1]);
     assert!(matches!(decode_sample(&b), Err(FormatError::Body(_))));
     // A KVM structure of the wrong size inside an otherwise valid body:
     // the first vCPU's first CPUID entry is 40 bytes long; say 39.
@@ -366,7 +361,7 @@ fn bodies_that_do_not_decode_are_refused() {
     let at = postcard::to_stdvec(&state(2).machine.arch).unwrap().len() + 2;
     assert_eq!(body[at], 40);
     body[at] = 39;
-    let b = frame(PayloadKind::VmState as u32, ID, &fp, &body);
+    let b = encode_body(PayloadKind::VmState, ID, &fp, &body);
     assert!(matches!(decode_sample(&b), Err(FormatError::Body(_))));
 }
 
@@ -384,7 +379,7 @@ fn huge_length_claims_are_refused_cheaply() {
     body.extend_from_slice(&postcard::to_stdvec(&state(0).machine.arch).unwrap());
     body.extend_from_slice(&[0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x10]);
     body.extend_from_slice(&[0u8; 16]);
-    let b = frame(PayloadKind::VmState as u32, ID, &fp, &body);
+    let b = encode_body(PayloadKind::VmState, ID, &fp, &body);
     assert!(matches!(decode_sample(&b), Err(FormatError::Body(_))));
 }
 
@@ -475,7 +470,7 @@ fn fuzzed_inputs_never_panic() {
                 if rng.below(4) == 0 {
                     b.truncate(rng.below(b.len()));
                 }
-                frame(PayloadKind::VmState as u32, ID, &fp, &b)
+                encode_body(PayloadKind::VmState, ID, &fp, &b)
             }
         };
         if let Ok(s) = decode_sample(&input) {
