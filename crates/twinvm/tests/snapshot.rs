@@ -1,7 +1,9 @@
 //! Snapshots and state loads with the bundled test guest: a snapshot
 //! restored into a new VM continues the guest's counter and clock; a disk
 //! workload in flight survives a snapshot, and state loads again and again
-//! into the same VM objects; bad snapshot files get clear errors.
+//! into the same VM objects; a TCP connection to the guest survives a
+//! snapshot and a restore on the same tap; bad snapshot files get clear
+//! errors.
 
 mod common;
 
@@ -508,4 +510,67 @@ fn bad_snapshots_are_refused_with_clear_errors() {
     );
     lines.wait(|l| l.starts_with("counter="));
     power_off(vm);
+}
+
+#[test]
+fn a_tcp_connection_survives_snapshot_and_restore_on_the_same_tap() {
+    use std::io::{BufRead, BufReader};
+    use std::net::TcpStream;
+
+    if !common::kvm_available() || !common::netns_available() {
+        return;
+    }
+    let ns = common::NetNs::new("snap");
+    let dir = TempDir::new("snapshot-net");
+    let snap = dir.path().join("snap");
+    let config = VmConfig {
+        net: vec![vmm::NetConfig {
+            tap: ns.tap.clone(),
+            mac: None,
+        }],
+        ..config(&format!("ip={}/24", common::GUEST_IP), None)
+    };
+    // Everything runs inside the namespace: the tap is there, and so is
+    // the host's end of the connection.
+    ns.run_in(move || {
+        let (vm, lines) = boot(&config);
+        lines.wait(|l| l.starts_with("net0 "));
+        let guest = format!("{}:8000", common::GUEST_IP);
+        let stream = TcpStream::connect_timeout(&guest.parse().unwrap(), T).expect("connect");
+        stream.set_read_timeout(Some(T)).unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut writer = stream;
+        let mut ask = |n: u64| {
+            writeln!(writer, "{n}").unwrap();
+            let mut line = String::new();
+            reader.read_line(&mut line).expect("reply");
+            line
+        };
+        assert_eq!(ask(1), "2 1\n");
+        assert_eq!(ask(41), "42 2\n");
+
+        vm.pause().expect("pause");
+        vm.snapshot_to(&snap).expect("snapshot");
+        let partial = lines.partial.lock().unwrap().clone();
+        drop(vm);
+
+        // The same tap, a new VM: the guest's end of the connection is
+        // where it was, and so is its request count.
+        let (vm, lines) = build(&config, partial);
+        vm.restore_from(&snap).expect("restore");
+        vm.start().expect("start");
+        assert_eq!(ask(99), "100 3\n");
+        // New connections work too.
+        let again = TcpStream::connect_timeout(&guest.parse().unwrap(), T).expect("connect again");
+        again.set_read_timeout(Some(T)).unwrap();
+        let mut r2 = BufReader::new(again.try_clone().unwrap());
+        let mut w2 = again;
+        writeln!(w2, "7").unwrap();
+        let mut line = String::new();
+        r2.read_line(&mut line).expect("reply");
+        assert_eq!(line, "8 4\n");
+        assert_eq!(ask(100), "101 5\n");
+        drop(lines);
+        power_off(vm);
+    });
 }
