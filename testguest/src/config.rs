@@ -21,14 +21,28 @@ pub struct Config {
     pub ip: Option<Ipv4Cidr>,
     /// Default gateway (`gw=`).
     pub gw: Option<[u8; 4]>,
-    /// Run the disk record workload (`disk=records`).
-    pub disk_workload: bool,
+    /// The workload on the first disk (`disk=records` or `disk=bench`).
+    pub disk_workload: DiskWorkload,
     /// Records the disk workload writes (`disk_records=`).
     pub disk_records: u64,
     /// Read the records back and verify them (`disk_verify=1`).
     pub disk_verify: bool,
     /// Records written per second (`disk_rate=`, 0: as fast as possible).
     pub disk_rate: u64,
+    /// MiB the disk benchmark writes and reads back (`disk_bench_mb=`).
+    pub disk_bench_mb: u64,
+}
+
+/// What runs on the first disk.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DiskWorkload {
+    /// Nothing (the disk is only identified).
+    #[default]
+    Off,
+    /// The record workload (`disk=records`).
+    Records,
+    /// The throughput benchmark (`disk=bench`).
+    Bench,
 }
 
 /// An IPv4 address with a prefix length (0..=32).
@@ -40,6 +54,8 @@ pub struct Ipv4Cidr {
 
 /// Records the disk workload writes when `disk_records` is not given.
 pub const DEFAULT_DISK_RECORDS: u64 = 64;
+/// MiB the disk benchmark moves when `disk_bench_mb` is not given.
+pub const DEFAULT_DISK_BENCH_MB: u64 = 4;
 
 impl Default for Config {
     fn default() -> Self {
@@ -50,10 +66,11 @@ impl Default for Config {
             measure_ips: false,
             ip: None,
             gw: None,
-            disk_workload: false,
+            disk_workload: DiskWorkload::Off,
             disk_records: DEFAULT_DISK_RECORDS,
             disk_verify: false,
             disk_rate: 0,
+            disk_bench_mb: DEFAULT_DISK_BENCH_MB,
         }
     }
 }
@@ -76,7 +93,14 @@ impl Config {
                 (b"disk_records", Some(n)) => config.disk_records = n,
                 (b"disk_verify", Some(n)) => config.disk_verify = n != 0,
                 (b"disk_rate", Some(n)) => config.disk_rate = n,
-                (b"disk", _) => config.disk_workload = value == b"records",
+                (b"disk_bench_mb", Some(n)) => config.disk_bench_mb = n,
+                (b"disk", _) => {
+                    config.disk_workload = match value {
+                        b"records" => DiskWorkload::Records,
+                        b"bench" => DiskWorkload::Bench,
+                        _ => DiskWorkload::Off,
+                    }
+                }
                 (b"ip", _) => {
                     if let Some(cidr) = parse_cidr(value) {
                         config.ip = Some(cidr);
@@ -230,22 +254,32 @@ mod tests {
             })
         );
         assert_eq!(c.gw, Some([10, 0, 0, 1]));
-        assert!(c.disk_workload);
+        assert_eq!(c.disk_workload, DiskWorkload::Records);
         assert_eq!(
             (c.disk_records, c.disk_verify, c.disk_rate),
             (100, true, 50)
         );
 
         let d = Config::default();
-        assert_eq!((d.ip, d.gw, d.disk_workload), (None, None, false));
+        assert_eq!(
+            (d.ip, d.gw, d.disk_workload),
+            (None, None, DiskWorkload::Off)
+        );
         assert_eq!((d.disk_records, d.disk_verify, d.disk_rate), (64, false, 0));
+        assert_eq!(d.disk_bench_mb, 4);
+
+        let b = Config::parse(b"disk=bench disk_bench_mb=16 disk_bench_mb=x");
+        assert_eq!(
+            (b.disk_workload, b.disk_bench_mb),
+            (DiskWorkload::Bench, 16)
+        );
 
         // Bad values keep the previous one; disk= other than records turns
         // the workload off.
         let c = Config::parse(b"ip=10.0.0.2 ip=10.0.0.300/24 gw=1.2.3 disk=records disk=none");
         assert_eq!(c.ip.unwrap().prefix, 24);
         assert_eq!(c.gw, None);
-        assert!(!c.disk_workload);
+        assert_eq!(c.disk_workload, DiskWorkload::Off);
     }
 
     #[test]

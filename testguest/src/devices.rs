@@ -1,10 +1,11 @@
 //! The virtio devices named on the command line and what runs on them: the
-//! network services on the first network device, the record workload on
-//! the first disk.
+//! network services on the first network device, the record workload or
+//! the benchmark on the first disk.
 
 use smoltcp::time::Instant;
-use testguest::config::Config;
+use testguest::config::{Config, DiskWorkload};
 use testguest::disk::{Op, RecordJob, encode_record};
+use testguest::diskbench::{BenchJob, BenchOp, DEPTH as BENCH_DEPTH};
 use testguest::fmt::Sink;
 use testguest::memmap::Region;
 use testguest::net::{ARENA_BYTES, NetMemory, NetSettings, NetStack, mac_is_usable};
@@ -14,17 +15,20 @@ use testguest::virtio::{DEVICE_BLOCK, DEVICE_NET, MmioDevices};
 use crate::hw::interrupts::{self, wait_for_interrupt};
 use crate::hw::serial::Serial;
 use crate::hw::virtio::{
-    BLK_ID_BYTES, BLK_MEMORY, BlkRequest, DeviceMemory, NET_MEMORY, PAGE, VirtioBlk, VirtioNet,
-    open,
+    BLK_BENCH_MEMORY, BLK_ID_BYTES, BLK_MEMORY, BlkRequest, DeviceMemory, NET_MEMORY, PAGE,
+    VirtioBlk, VirtioNet, open,
 };
 
 /// Disks the guest drives (more are reported and left alone).
 pub const MAX_DISKS: usize = 4;
 
 /// RAM set aside above the image for device rings, buffers and socket
-/// buffers when the command line names virtio devices.
-pub const DEVICE_MEMORY: u64 =
-    NET_MEMORY + (ARENA_BYTES as u64).next_multiple_of(PAGE) + MAX_DISKS as u64 * BLK_MEMORY;
+/// buffers when the command line names virtio devices (the same whatever
+/// runs on them).
+pub const DEVICE_MEMORY: u64 = NET_MEMORY
+    + (ARENA_BYTES as u64).next_multiple_of(PAGE)
+    + MAX_DISKS as u64 * BLK_MEMORY
+    + BLK_BENCH_MEMORY;
 
 /// Frames processed per main-loop pass before ticks and the serial port
 /// get their turn again.
@@ -47,6 +51,13 @@ struct Disk {
     irq: u32,
     job: Option<RecordJob>,
     op: Option<Op>,
+    bench: Option<Bench>,
+}
+
+/// The disk benchmark and the request in each of its slots.
+struct Bench {
+    job: BenchJob,
+    slots: [Option<BenchOp>; BENCH_DEPTH],
 }
 
 /// The driven devices.
@@ -104,7 +115,7 @@ impl Machine {
                 DEVICE_BLOCK if disks < MAX_DISKS => match VirtioBlk::new(mmio, &mut mem) {
                     Ok(dev) => {
                         interrupts::unmask_irq(device.irq);
-                        let disk = start_disk(dev, irq, disks, config);
+                        let disk = start_disk(dev, irq, disks, config, &mut mem);
                         machine.disks[disks] = Some(disk);
                         disks += 1;
                     }
@@ -167,6 +178,7 @@ impl Machine {
                 disk.dev.ack_interrupt();
             }
             disk.run_job();
+            disk.run_bench();
         }
         busy
     }
@@ -177,14 +189,24 @@ impl Machine {
             let (rx, tx) = net.dev.frames();
             let stats = net.stack.as_ref().map(|s| s.stats()).unwrap_or_default();
             report::net_stats(&mut Serial, 0, rx, tx, &stats);
+            report::net_bulk_stats(&mut Serial, 0, &stats);
         }
     }
 
     /// The `disk` command.
     pub fn report_disk(&self) {
-        if let Some(Disk { job: Some(job), .. }) = &self.disks[0] {
-            let (written, verified) = job.progress();
-            report::disk_progress(&mut Serial, 0, written, verified);
+        match &self.disks[0] {
+            Some(Disk { job: Some(job), .. }) => {
+                let (written, verified) = job.progress();
+                report::disk_progress(&mut Serial, 0, written, verified);
+            }
+            Some(Disk {
+                bench: Some(bench), ..
+            }) => {
+                let (written, read) = bench.job.progress();
+                report::disk_bench_progress(&mut Serial, 0, written, read);
+            }
+            _ => {}
         }
     }
 }
@@ -229,7 +251,13 @@ fn start_net(dev: VirtioNet, irq: u32, config: &Config, now: u64, mem: &mut Devi
     net
 }
 
-fn start_disk(mut dev: VirtioBlk, irq: u32, index: usize, config: &Config) -> Disk {
+fn start_disk(
+    mut dev: VirtioBlk,
+    irq: u32,
+    index: usize,
+    config: &Config,
+    mem: &mut DeviceMemory,
+) -> Disk {
     dev.submit(BlkRequest::GetId);
     let start = interrupts::ticks();
     let status = loop {
@@ -255,11 +283,17 @@ fn start_disk(mut dev: VirtioBlk, irq: u32, index: usize, config: &Config) -> Di
                 irq,
                 job: None,
                 op: None,
+                bench: None,
             };
         }
     }
     report::disk_info(&mut Serial, index, dev.capacity, &serial, dev.read_only);
-    let job = (index == 0 && config.disk_workload).then(|| {
+    let workload = if index == 0 {
+        config.disk_workload
+    } else {
+        DiskWorkload::Off
+    };
+    let job = (workload == DiskWorkload::Records).then(|| {
         RecordJob::new(
             config.disk_records,
             dev.capacity,
@@ -269,15 +303,88 @@ fn start_disk(mut dev: VirtioBlk, irq: u32, index: usize, config: &Config) -> Di
             config.disk_rate,
         )
     });
+    let mut bench = None;
+    if workload == DiskWorkload::Bench {
+        match dev.enable_bench(mem) {
+            Ok(()) => {
+                let mut job = BenchJob::new(
+                    config.disk_bench_mb,
+                    dev.capacity,
+                    dev.flush,
+                    BENCH_DEPTH,
+                    interrupts::ticks(),
+                );
+                report::disk_bench(&mut Serial, &job.start_line());
+                job.restart_clock(interrupts::ticks());
+                bench = Some(Bench {
+                    job,
+                    slots: [None; BENCH_DEPTH],
+                });
+            }
+            Err(problem) => {
+                Serial.put_str("disk0 benchmark off: ");
+                Serial.put_str(problem);
+                Serial.put(b'\n');
+            }
+        }
+    }
     Disk {
         dev,
         irq,
         job,
         op: None,
+        bench,
     }
 }
 
 impl Disk {
+    /// Takes the finished benchmark requests, ends phases, and fills the
+    /// free slots with the next requests (one notification for all).
+    fn run_bench(&mut self) {
+        let Some(bench) = &mut self.bench else {
+            return;
+        };
+        if bench.job.is_done() {
+            return;
+        }
+        for _ in 0..BENCH_DEPTH {
+            let Some((slot, status, stamp)) = self.dev.pop_bench() else {
+                break;
+            };
+            let Some(op) = bench.slots.get_mut(slot).and_then(Option::take) else {
+                continue;
+            };
+            if let Some(line) = bench.job.complete(op, status, stamp) {
+                report::disk_bench(&mut Serial, &line);
+            }
+        }
+        // Bounded: at most the write, flush and read phases end.
+        for _ in 0..3 {
+            match bench.job.settle(interrupts::ticks()) {
+                Some(line) => {
+                    report::disk_bench(&mut Serial, &line);
+                    bench.job.restart_clock(interrupts::ticks());
+                }
+                None => break,
+            }
+        }
+        let mut queued = false;
+        for (slot, in_use) in bench.slots.iter_mut().enumerate() {
+            if in_use.is_some() {
+                continue;
+            }
+            let Some(op) = bench.job.next_op() else {
+                break;
+            };
+            self.dev.submit_bench(slot, op);
+            *in_use = Some(op);
+            queued = true;
+        }
+        if queued {
+            self.dev.kick();
+        }
+    }
+
     /// Takes a finished request and issues the next one of the workload.
     fn run_job(&mut self) {
         let Some(job) = &mut self.job else {

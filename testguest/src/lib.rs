@@ -13,6 +13,7 @@ pub mod bootparams;
 pub mod command;
 pub mod config;
 pub mod disk;
+pub mod diskbench;
 pub mod fmt;
 pub mod ips;
 pub mod memmap;

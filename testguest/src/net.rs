@@ -1,6 +1,7 @@
 //! The guest's network services on a smoltcp interface: TCP echo (port 7),
-//! a TCP request/response counter (port 8000), a UDP request/response
-//! counter (port 8001); ICMP echo and ARP are answered by smoltcp itself.
+//! TCP discard (port 9) and source (port 19) for one-way throughput, a TCP
+//! request/response counter (port 8000), a UDP request/response counter
+//! (port 8001); ICMP echo and ARP are answered by smoltcp itself.
 //!
 //! Determinism: the same input frames give the same output frames. The
 //! stack's random seed (which picks TCP initial sequence numbers) is fixed;
@@ -19,6 +20,7 @@ use smoltcp::wire::{EthernetAddress, IpCidr, Ipv4Address};
 
 use crate::config::Ipv4Cidr;
 use crate::fmt::Sink;
+use crate::workload::{SEED, Xorshift64};
 
 /// TCP echo port.
 pub const ECHO_PORT: u16 = 7;
@@ -26,13 +28,23 @@ pub const ECHO_PORT: u16 = 7;
 pub const TCP_COUNTER_PORT: u16 = 8000;
 /// UDP request/response counter port.
 pub const UDP_COUNTER_PORT: u16 = 8001;
+/// TCP discard port: everything received is dropped.
+pub const DISCARD_PORT: u16 = 9;
+/// TCP source port: sends the number of bytes the client asks for.
+pub const SOURCE_PORT: u16 = 19;
 
 /// Concurrent TCP echo connections.
 pub const ECHO_SOCKETS: usize = 8;
 /// Concurrent TCP counter connections.
 pub const COUNTER_SOCKETS: usize = 4;
-/// Sockets in the socket set: echo, counter, one UDP.
-pub const SOCKETS: usize = ECHO_SOCKETS + COUNTER_SOCKETS + 1;
+/// Concurrent TCP discard connections.
+pub const DISCARD_SOCKETS: usize = 2;
+/// Concurrent TCP source connections.
+pub const SOURCE_SOCKETS: usize = 2;
+/// Sockets in the socket set: echo, counter, one UDP, discard, source (the
+/// last two added after the others, which keeps the handles and order of
+/// the older services).
+pub const SOCKETS: usize = ECHO_SOCKETS + COUNTER_SOCKETS + 1 + DISCARD_SOCKETS + SOURCE_SOCKETS;
 
 /// Receive and send buffer of each echo socket (the receive buffer is the
 /// advertised window).
@@ -43,9 +55,17 @@ pub const COUNTER_BUFFER: usize = 1024;
 pub const UDP_BUFFER: usize = 2048;
 pub const UDP_PACKETS: usize = 8;
 
+/// The buffer of a discard socket's receiving side and of a source
+/// socket's sending side (the direction that carries the data).
+pub const BULK_BUFFER: usize = 8 * 1024;
+/// The buffer of the other side of a discard or source socket.
+pub const BULK_SMALL_BUFFER: usize = 64;
+
 /// Bytes of buffer memory [`NetStack::new`] needs.
-pub const ARENA_BYTES: usize =
-    ECHO_SOCKETS * 2 * ECHO_BUFFER + COUNTER_SOCKETS * 2 * COUNTER_BUFFER + 2 * UDP_BUFFER;
+pub const ARENA_BYTES: usize = ECHO_SOCKETS * 2 * ECHO_BUFFER
+    + COUNTER_SOCKETS * 2 * COUNTER_BUFFER
+    + 2 * UDP_BUFFER
+    + (DISCARD_SOCKETS + SOURCE_SOCKETS) * (BULK_BUFFER + BULK_SMALL_BUFFER);
 
 /// The stack's random seed: fixed, so that two guests choose the same TCP
 /// initial sequence numbers.
@@ -72,6 +92,68 @@ pub struct NetStats {
     pub tcp_requests: u64,
     /// Requests answered on UDP port 8001 (valid ones, counted).
     pub udp_requests: u64,
+    /// Bytes received and dropped on port 9.
+    pub discard_bytes: u64,
+    /// Bytes sent on port 19.
+    pub source_bytes: u64,
+}
+
+/// The byte stream of the source service: successive outputs of xorshift64
+/// seeded with [`SEED`], each as 8 little-endian bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct ByteStream {
+    rng: Xorshift64,
+    word: [u8; 8],
+    /// Bytes of `word` already handed out.
+    used: usize,
+}
+
+impl Default for ByteStream {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ByteStream {
+    pub const fn new() -> Self {
+        Self {
+            rng: Xorshift64::new(SEED),
+            word: [0; 8],
+            used: 8,
+        }
+    }
+
+    /// Fills `out` with the next bytes of the stream.
+    pub fn fill(&mut self, out: &mut [u8]) {
+        let mut start = 0;
+        while self.used < 8 && start < out.len() {
+            out[start] = self.word[self.used];
+            self.used += 1;
+            start += 1;
+        }
+        let mut words = out[start..].chunks_exact_mut(8);
+        for chunk in &mut words {
+            chunk.copy_from_slice(&self.rng.next_u64().to_le_bytes());
+        }
+        let tail = words.into_remainder();
+        if !tail.is_empty() {
+            self.word = self.rng.next_u64().to_le_bytes();
+            let n = tail.len();
+            tail.copy_from_slice(&self.word[..n]);
+            self.used = n;
+        }
+    }
+}
+
+/// Where a source connection is.
+#[derive(Clone, Copy, Debug)]
+enum SourceState {
+    /// Waiting for the request line.
+    Request(LineAssembler),
+    /// Sending: bytes still to send.
+    Sending(u64, ByteStream),
+    /// All sent (or the request was bad): the socket is closing.
+    Closing,
 }
 
 /// A [`Sink`] over a byte buffer (excess bytes are dropped).
@@ -212,6 +294,9 @@ pub struct NetStack<'a> {
     counter: [SocketHandle; COUNTER_SOCKETS],
     lines: [LineAssembler; COUNTER_SOCKETS],
     udp: SocketHandle,
+    discard: [SocketHandle; DISCARD_SOCKETS],
+    source: [SocketHandle; SOURCE_SOCKETS],
+    sources: [SourceState; SOURCE_SOCKETS],
     stats: NetStats,
     scratch: [u8; ECHO_CHUNK],
     /// When timers next need a poll (`None`: only on input).
@@ -227,8 +312,16 @@ fn take<'a>(arena: &mut &'a mut [u8], n: usize) -> &'a mut [u8] {
 }
 
 fn new_tcp_socket<'a>(arena: &mut &'a mut [u8], size: usize) -> tcp::Socket<'a> {
-    let rx = take(arena, size);
-    let tx = take(arena, size);
+    new_tcp_socket_with(arena, size, size)
+}
+
+fn new_tcp_socket_with<'a>(
+    arena: &mut &'a mut [u8],
+    rx_size: usize,
+    tx_size: usize,
+) -> tcp::Socket<'a> {
+    let rx = take(arena, rx_size);
+    let tx = take(arena, tx_size);
     let mut socket = tcp::Socket::new(tcp::SocketBuffer::new(rx), tcp::SocketBuffer::new(tx));
     socket.set_ack_delay(None);
     socket.set_nagle_enabled(false);
@@ -279,6 +372,20 @@ impl<'a> NetStack<'a> {
         );
         let _ = udp_socket.bind(UDP_COUNTER_PORT);
         let udp = sockets.add(udp_socket);
+        let discard = core::array::from_fn(|_| {
+            sockets.add(new_tcp_socket_with(
+                &mut arena,
+                BULK_BUFFER,
+                BULK_SMALL_BUFFER,
+            ))
+        });
+        let source = core::array::from_fn(|_| {
+            sockets.add(new_tcp_socket_with(
+                &mut arena,
+                BULK_SMALL_BUFFER,
+                BULK_BUFFER,
+            ))
+        });
 
         let mut stack = Self {
             iface,
@@ -287,6 +394,9 @@ impl<'a> NetStack<'a> {
             counter,
             lines: [LineAssembler::new(); COUNTER_SOCKETS],
             udp,
+            discard,
+            source,
+            sources: [SourceState::Request(LineAssembler::new()); SOURCE_SOCKETS],
             stats: NetStats::default(),
             scratch: [0; ECHO_CHUNK],
             next_poll: None,
@@ -351,6 +461,14 @@ impl<'a> NetStack<'a> {
         }
         let socket = self.sockets.get_mut::<udp::Socket>(self.udp);
         serve_udp(socket, &mut self.stats.udp_requests);
+        for &handle in &self.discard {
+            let socket = self.sockets.get_mut::<tcp::Socket>(handle);
+            self.stats.discard_bytes += serve_discard(socket);
+        }
+        for (i, &handle) in self.source.iter().enumerate() {
+            let socket = self.sockets.get_mut::<tcp::Socket>(handle);
+            self.stats.source_bytes += serve_source(socket, &mut self.sources[i]);
+        }
     }
 }
 
@@ -434,6 +552,104 @@ fn serve_counter(socket: &mut tcp::Socket, line: &mut LineAssembler, total: &mut
         let _ = socket.send_slice(&reply[..n]);
     }
     close_when_drained(socket);
+}
+
+/// Drops everything received. Returns the bytes dropped.
+fn serve_discard(socket: &mut tcp::Socket) -> u64 {
+    if relisten(socket, DISCARD_PORT) {
+        return 0;
+    }
+    let dropped = drain(socket);
+    close_when_drained(socket);
+    dropped
+}
+
+/// Takes everything in the receive buffer (at most two contiguous pieces).
+fn drain(socket: &mut tcp::Socket) -> u64 {
+    let mut dropped = 0;
+    for _ in 0..2 {
+        match socket.recv(|data| (data.len(), data.len())) {
+            Ok(n) if n > 0 => dropped += n as u64,
+            _ => break,
+        }
+    }
+    dropped
+}
+
+/// The source service: reads the request line `<n>`, sends `n` bytes of
+/// [`ByteStream`] (as far as the send buffer has room per call), then
+/// closes. A line that is no number gets `error\n` and the close. Bytes
+/// after the request line are dropped. Returns the stream bytes sent.
+fn serve_source(socket: &mut tcp::Socket, state: &mut SourceState) -> u64 {
+    if relisten(socket, SOURCE_PORT) {
+        *state = SourceState::Request(LineAssembler::new());
+        return 0;
+    }
+    if let SourceState::Request(line) = state {
+        let mut complete = false;
+        // Bounded: each pass consumes bytes or stops.
+        for _ in 0..4 {
+            let Ok((taken, done)) = socket.recv(|data| {
+                let (taken, done) = line.feed(data);
+                (taken, (taken, done))
+            }) else {
+                break;
+            };
+            if done {
+                complete = true;
+                break;
+            }
+            if taken == 0 {
+                break;
+            }
+        }
+        if !complete {
+            if socket.state() == tcp::State::CloseWait {
+                // The peer closed without a whole request.
+                socket.close();
+                *state = SourceState::Closing;
+            }
+            return 0;
+        }
+        *state = match crate::config::parse_decimal(line.line().trim_ascii()) {
+            Some(n) => SourceState::Sending(n, ByteStream::new()),
+            None => {
+                let _ = socket.send_slice(b"error\n");
+                SourceState::Closing
+            }
+        };
+        if matches!(state, SourceState::Closing) {
+            socket.close();
+        }
+    }
+    drain(socket);
+    let mut sent = 0;
+    if let SourceState::Sending(left, stream) = state {
+        // Bounded: the send buffer is a ring, free space is at most two
+        // contiguous pieces.
+        for _ in 0..2 {
+            if *left == 0 {
+                break;
+            }
+            let n = socket
+                .send(|buf| {
+                    let n = buf.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+                    stream.fill(&mut buf[..n]);
+                    (n, n)
+                })
+                .unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            *left -= n as u64;
+            sent += n as u64;
+        }
+        if *left == 0 {
+            socket.close();
+            *state = SourceState::Closing;
+        }
+    }
+    sent
 }
 
 /// Answers datagrams while the send buffer has room.

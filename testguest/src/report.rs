@@ -2,6 +2,7 @@
 
 use crate::config::{Config, Ipv4Cidr};
 use crate::disk::Outcome;
+use crate::diskbench::{BenchLine, REQUEST_BYTES};
 use crate::fmt::Sink;
 use crate::memmap::Region;
 use crate::net::NetStats;
@@ -185,6 +186,84 @@ pub fn disk_progress(out: &mut impl Sink, index: usize, written: u64, verified: 
     out.put(b'\n');
 }
 
+/// `net<i> discard_bytes=<n> source_bytes=<n>` (the `net` command's second
+/// line).
+pub fn net_bulk_stats(out: &mut impl Sink, index: usize, stats: &NetStats) {
+    out.put_str("net");
+    out.put_u64(index as u64);
+    out.put_str(" discard_bytes=");
+    out.put_u64(stats.discard_bytes);
+    out.put_str(" source_bytes=");
+    out.put_u64(stats.source_bytes);
+    out.put(b'\n');
+}
+
+fn put_bytes_requests(out: &mut impl Sink, requests: u64) {
+    out.put_str(" bytes=");
+    out.put_u64(requests.saturating_mul(REQUEST_BYTES));
+    out.put_str(" requests=");
+    out.put_u64(requests);
+}
+
+/// The lines of the disk benchmark.
+pub fn disk_bench(out: &mut impl Sink, line: &BenchLine) {
+    out.put_str("disk bench ");
+    match *line {
+        BenchLine::Start { requests, depth } => {
+            out.put_str("start");
+            put_bytes_requests(out, requests);
+            out.put_str(" request_bytes=");
+            out.put_u64(REQUEST_BYTES);
+            out.put_str(" in_flight=");
+            out.put_u64(depth as u64);
+        }
+        BenchLine::Write { requests, ticks } | BenchLine::Read { requests, ticks } => {
+            out.put_str(if matches!(line, BenchLine::Write { .. }) {
+                "write"
+            } else {
+                "read"
+            });
+            put_bytes_requests(out, requests);
+            out.put_str(" ticks=");
+            out.put_u64(ticks);
+        }
+        BenchLine::Flush { ticks } => {
+            out.put_str("flush ticks=");
+            out.put_u64(ticks);
+        }
+        BenchLine::Failed {
+            request,
+            op,
+            status,
+        } => {
+            out.put_str("error at request ");
+            out.put_u64(request);
+            out.put_str(": ");
+            out.put_str(op);
+            out.put_str(" status=");
+            out.put_u64(u64::from(status));
+        }
+        BenchLine::WrongData { request } => {
+            out.put_str("error at request ");
+            out.put_u64(request);
+            out.put_str(": read wrong data");
+        }
+    }
+    out.put(b'\n');
+}
+
+/// `disk<i> bench written=<requests> read=<requests>` (the `disk` command
+/// during the benchmark).
+pub fn disk_bench_progress(out: &mut impl Sink, index: usize, written: u64, read: u64) {
+    out.put_str("disk");
+    out.put_u64(index as u64);
+    out.put_str(" bench written=");
+    out.put_u64(written);
+    out.put_str(" read=");
+    out.put_u64(read);
+    out.put(b'\n');
+}
+
 /// `virtio at <base>: <problem>` (a device that is not driven).
 pub fn device_error(out: &mut impl Sink, base: u64, problem: &str) {
     out.put_str("virtio at ");
@@ -251,6 +330,17 @@ mod tests {
                 echo_bytes: 5,
                 tcp_requests: 6,
                 udp_requests: 7,
+                discard_bytes: 8,
+                source_bytes: 9,
+            },
+        );
+        net_bulk_stats(
+            &mut s,
+            0,
+            &NetStats {
+                discard_bytes: 8,
+                source_bytes: 9,
+                ..NetStats::default()
             },
         );
         disk_info(&mut s, 0, 2048, b"twinvm-disk0\0\0\0\0\0\0\0\0", false);
@@ -273,6 +363,30 @@ mod tests {
             disk_outcome(&mut s, &o);
         }
         disk_progress(&mut s, 0, 10, 0);
+        for line in [
+            BenchLine::Start {
+                requests: 256,
+                depth: 8,
+            },
+            BenchLine::Write {
+                requests: 256,
+                ticks: 70,
+            },
+            BenchLine::Flush { ticks: 1 },
+            BenchLine::Read {
+                requests: 256,
+                ticks: 65,
+            },
+            BenchLine::Failed {
+                request: 9,
+                op: "read",
+                status: 2,
+            },
+            BenchLine::WrongData { request: 3 },
+        ] {
+            disk_bench(&mut s, &line);
+        }
+        disk_bench_progress(&mut s, 0, 256, 12);
         device_error(&mut s, 0xd000_1000, "not virtio-mmio version 2");
         assert_eq!(
             s.text(),
@@ -280,6 +394,7 @@ mod tests {
              net1 mac=02:00:00:00:00:01 ip=10.0.0.2/24 gw=10.0.0.1\n\
              net0 mac=02:00:00:00:00:01 ip=none\n\
              net0 rx=10 tx=12 echo_bytes=5 tcp_requests=6 udp_requests=7\n\
+             net0 discard_bytes=8 source_bytes=9\n\
              disk0 capacity=2048 serial=twinvm-disk0 ro=0\n\
              disk1 capacity=8 serial=a?b? ro=1\n\
              disk2 capacity=8 serial=- ro=1\n\
@@ -289,6 +404,13 @@ mod tests {
              disk error at record 3: read status=1\n\
              disk error at record 4: bad checksum\n\
              disk0 records written=10 verified=0\n\
+             disk bench start bytes=1048576 requests=256 request_bytes=4096 in_flight=8\n\
+             disk bench write bytes=1048576 requests=256 ticks=70\n\
+             disk bench flush ticks=1\n\
+             disk bench read bytes=1048576 requests=256 ticks=65\n\
+             disk bench error at request 9: read status=2\n\
+             disk bench error at request 3: read wrong data\n\
+             disk0 bench written=256 read=12\n\
              virtio at 0xd0001000: not virtio-mmio version 2\n"
         );
     }

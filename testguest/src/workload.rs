@@ -15,7 +15,7 @@ pub struct Xorshift64 {
 
 impl Xorshift64 {
     /// A generator from `seed` (0, which xorshift cannot leave, is replaced).
-    pub fn new(seed: u64) -> Self {
+    pub const fn new(seed: u64) -> Self {
         Self {
             state: if seed == 0 { SEED } else { seed },
         }

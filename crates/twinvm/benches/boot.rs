@@ -6,9 +6,13 @@
 //! it into `docs/performance.md` between the `bench:boot` markers.
 //! `TWINVM_BENCH_BOOTS` sets the number of boots (default 20).
 
+mod report;
+
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use report::{percentile, write_docs_section};
 
 const BIN: &str = env!("CARGO_BIN_EXE_twinvm");
 const BANNER: &str = "TWINVM TESTGUEST READY";
@@ -63,11 +67,6 @@ impl Guest {
         let _ = self.child.kill();
         panic!("twinvm did not power off");
     }
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
 }
 
 /// Total resident KiB of a process and the resident KiB of its guest RAM
@@ -142,10 +141,8 @@ fn main() {
     }
     ips.sort_by(f64::total_cmp);
 
-    let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let report = format!(
-        "Machine: {cpus} host CPUs, Linux {host_release}, KVM {kvm_kind}.\n\
+        "{machine}\n\
          Command: `cargo bench -p twinvm --bench boot` ({boots} boots, 128 MiB guest, 1 vCPU).\n\n\
          | metric | value |\n|---|---|\n\
          | process start → banner, median | {p50:.1} ms |\n\
@@ -154,15 +151,7 @@ fn main() {
          | VMM resident memory besides guest RAM | {vmm_rss} KiB |\n\
          | guest RAM resident (idle test guest) | {rss_guest} KiB |\n\
          | guest instruction rate, median of 5 | {ips:.2} M instructions/s |\n",
-        host_release = host.trim(),
-        kvm_kind = if std::fs::read_to_string("/proc/cpuinfo")
-            .map(|c| c.contains(" vmx") || c.contains(" svm"))
-            .unwrap_or(false)
-        {
-            "with hardware virtualization"
-        } else {
-            "without hardware virtualization (instruction emulator)"
-        },
+        machine = report::machine_line(),
         p50 = percentile(&banner_ms, 0.5),
         p90 = percentile(&banner_ms, 0.9),
         min = banner_ms[0],
@@ -172,27 +161,4 @@ fn main() {
     );
     println!("{report}");
     write_docs_section("boot", &report);
-}
-
-/// Replaces the text between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->`
-/// in docs/performance.md.
-fn write_docs_section(name: &str, body: &str) {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/performance.md");
-    let Ok(doc) = std::fs::read_to_string(path) else {
-        eprintln!("{path} not found; report not written");
-        return;
-    };
-    let (open, close) = (
-        format!("<!-- bench:{name} -->"),
-        format!("<!-- /bench:{name} -->"),
-    );
-    match (doc.find(&open), doc.find(&close)) {
-        (Some(a), Some(b)) if a < b => {
-            let new = format!("{}{open}\n{body}{}", &doc[..a], &doc[b..]);
-            if let Err(e) = std::fs::write(path, new) {
-                eprintln!("cannot update {path}: {e}");
-            }
-        }
-        _ => eprintln!("markers for {name} not found in {path}; report not written"),
-    }
 }

@@ -18,6 +18,7 @@ use core::sync::atomic::{Ordering, compiler_fence};
 use smoltcp::phy::{self, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
 use testguest::disk::SECTOR_SIZE;
+use testguest::diskbench::{self, BenchOp, DEPTH as BENCH_DEPTH, REQUEST_BYTES};
 use testguest::virtio::{
     DESC_F_NEXT, DESC_F_WRITE, INTERRUPT_CONFIG_CHANGE, INTERRUPT_USED_BUFFER, MAGIC, MmioDevice,
     QueueLayout, VERSION, feature, negotiate, queue_size, reg, status,
@@ -543,12 +544,24 @@ pub const BLK_ID_BYTES: usize = 20;
 pub const BLK_MEMORY: u64 = 2 * PAGE;
 const REQ_STATUS: u64 = 16;
 const REQ_DATA: u64 = 512;
+/// Entries of a block device's queue: three descriptors (header, data,
+/// status) for each benchmark request in flight.
+const BLK_QUEUE: u16 = 32;
+const _: () = assert!(3 * BENCH_DEPTH <= BLK_QUEUE as usize);
+/// Device memory of the disk benchmark (first disk only): a page of
+/// request headers (request `s` at `32 * s`, its status byte at
+/// `32 * s + 16`) and one data page per request in flight.
+pub const BLK_BENCH_MEMORY: u64 = (1 + BENCH_DEPTH as u64) * PAGE;
+const BENCH_SLOT_BYTES: u64 = 32;
 
-/// A virtio block device, one request at a time.
+/// A virtio block device: one request at a time (the record workload,
+/// GET_ID), or up to [`BENCH_DEPTH`] benchmark requests in slots.
 pub struct VirtioBlk {
     mmio: Mmio,
     queue: Queue,
     request: u64,
+    /// Base of the benchmark memory, once the benchmark is enabled.
+    bench: Option<u64>,
     pub capacity: u64,
     pub read_only: bool,
     pub flush: bool,
@@ -571,7 +584,7 @@ impl VirtioBlk {
             feature::VERSION_1,
             feature::BLK_RO | feature::BLK_FLUSH | feature::BLK_SEG_MAX,
         )?;
-        let queue = Queue::new(mmio, 0, 8, mem)?;
+        let queue = Queue::new(mmio, 0, BLK_QUEUE, mem)?;
         let request = mem.alloc(PAGE).ok_or("out of device memory")?;
         let capacity = mmio.config_u64(0);
         mmio.driver_ok();
@@ -579,6 +592,7 @@ impl VirtioBlk {
             mmio,
             queue,
             request,
+            bench: None,
             capacity,
             read_only: features & feature::BLK_RO != 0,
             flush: features & feature::BLK_FLUSH != 0,
@@ -598,6 +612,30 @@ impl VirtioBlk {
         unsafe { &mut *((self.request + REQ_DATA) as *mut [u8; SECTOR_SIZE]) }
     }
 
+    /// Makes the chain header → data → status available at descriptor
+    /// `first` (three descriptors; two without data).
+    fn push_request(
+        &mut self,
+        first: u16,
+        header: u64,
+        data: Option<(u64, u32, bool)>,
+        status: u64,
+    ) {
+        self.queue
+            .set_desc(first, header, 16, DESC_F_NEXT, first + 1);
+        let status_desc = match data {
+            Some((addr, len, device_writes)) => {
+                let flags = DESC_F_NEXT | if device_writes { DESC_F_WRITE } else { 0 };
+                self.queue.set_desc(first + 1, addr, len, flags, first + 2);
+                first + 2
+            }
+            None => first + 1,
+        };
+        self.queue.set_desc(status_desc, status, 1, DESC_F_WRITE, 0);
+        self.queue.push_avail(first);
+        self.queue.publish();
+    }
+
     /// Submits a request (the data buffer holds the sector for a write).
     /// Only one request may be in flight.
     pub fn submit(&mut self, request: BlkRequest) {
@@ -610,25 +648,9 @@ impl VirtioBlk {
         let header = self.request;
         // SAFETY: the request page belongs to this driver and no request is
         // in flight.
-        unsafe {
-            write_volatile(header as *mut u32, kind);
-            write_volatile((header + 4) as *mut u32, 0);
-            write_volatile((header + 8) as *mut u64, sector);
-            write_volatile((header + REQ_STATUS) as *mut u8, 0xff);
-        }
-        self.queue.set_desc(0, header, 16, DESC_F_NEXT, 1);
-        let status_desc = if data_len > 0 {
-            let flags = DESC_F_NEXT | if device_writes { DESC_F_WRITE } else { 0 };
-            self.queue
-                .set_desc(1, header + REQ_DATA, data_len, flags, 2);
-            2
-        } else {
-            1
-        };
-        self.queue
-            .set_desc(status_desc, header + REQ_STATUS, 1, DESC_F_WRITE, 0);
-        self.queue.push_avail(0);
-        self.queue.publish();
+        unsafe { write_header(header, kind, sector) };
+        let data = (data_len > 0).then_some((header + REQ_DATA, data_len, device_writes));
+        self.push_request(0, header, data, header + REQ_STATUS);
         self.busy = true;
         self.queue.notify();
     }
@@ -644,6 +666,93 @@ impl VirtioBlk {
         // SAFETY: the status byte of the request page, written by the
         // device before it returned the request.
         Some(unsafe { read_volatile((self.request + REQ_STATUS) as *const u8) })
+    }
+
+    /// Sets up the benchmark's memory and fills its data pages with
+    /// [`diskbench::bench_page`]. No single request may be in flight.
+    pub fn enable_bench(&mut self, mem: &mut DeviceMemory) -> Result<(), &'static str> {
+        let base = mem.alloc(BLK_BENCH_MEMORY).ok_or("out of device memory")?;
+        self.bench = Some(base);
+        for slot in 0..BENCH_DEPTH {
+            let page = self.bench_page(slot);
+            // SAFETY: a data page of the benchmark memory just allocated,
+            // REQUEST_BYTES long, not with the device.
+            let page =
+                unsafe { core::slice::from_raw_parts_mut(page as *mut u8, REQUEST_BYTES as usize) };
+            diskbench::bench_page(page);
+        }
+        Ok(())
+    }
+
+    fn bench_page(&self, slot: usize) -> u64 {
+        self.bench.unwrap_or(0) + PAGE * (1 + slot as u64)
+    }
+
+    fn bench_header(&self, slot: usize) -> u64 {
+        self.bench.unwrap_or(0) + BENCH_SLOT_BYTES * slot as u64
+    }
+
+    /// Queues benchmark request `op` in slot `slot` (< [`BENCH_DEPTH`],
+    /// not in use), stamping a write's page with its request number. The
+    /// device learns of it at the next [`Self::kick`].
+    pub fn submit_bench(&mut self, slot: usize, op: BenchOp) {
+        if self.bench.is_none() || slot >= BENCH_DEPTH {
+            return;
+        }
+        let header = self.bench_header(slot);
+        let page = self.bench_page(slot);
+        let (kind, data) = match op {
+            BenchOp::Write(k) => {
+                // SAFETY: the slot's data page, not with the device (the
+                // slot is free).
+                unsafe { write_volatile(page as *mut u64, k) };
+                (BLK_T_OUT, Some((page, REQUEST_BYTES as u32, false)))
+            }
+            BenchOp::Read(_) => (BLK_T_IN, Some((page, REQUEST_BYTES as u32, true))),
+            BenchOp::Flush => (BLK_T_FLUSH, None),
+        };
+        // SAFETY: the slot's header in the benchmark memory; the slot is
+        // free, so the device does not use it.
+        unsafe { write_header(header, kind, op.sector()) };
+        self.push_request(3 * slot as u16, header, data, header + REQ_STATUS);
+    }
+
+    /// Tells the device about the requests queued.
+    pub fn kick(&self) {
+        self.queue.notify();
+    }
+
+    /// A finished benchmark request: its slot, its status and the first 8
+    /// bytes of its data page (little-endian).
+    pub fn pop_bench(&mut self) -> Option<(usize, u8, u64)> {
+        let (head, _) = self.queue.pop_used()?;
+        let slot = usize::from(head / 3);
+        if self.bench.is_none() || slot >= BENCH_DEPTH {
+            return Some((BENCH_DEPTH, 0xff, 0));
+        }
+        compiler_fence(Ordering::SeqCst);
+        // SAFETY: the slot's status byte and data page, written by the
+        // device before it returned the request.
+        unsafe {
+            let status = read_volatile((self.bench_header(slot) + REQ_STATUS) as *const u8);
+            let stamp = read_volatile(self.bench_page(slot) as *const u64);
+            Some((slot, status, stamp))
+        }
+    }
+}
+
+/// Writes a request header (type, reserved, sector) and a status byte of
+/// 0xff at `header + 16`.
+///
+/// # Safety
+/// `header` is 17 bytes of driver memory the device does not use now.
+unsafe fn write_header(header: u64, kind: u32, sector: u64) {
+    // SAFETY: see the function's contract.
+    unsafe {
+        write_volatile(header as *mut u32, kind);
+        write_volatile((header + 4) as *mut u32, 0);
+        write_volatile((header + 8) as *mut u64, sector);
+        write_volatile((header + REQ_STATUS) as *mut u8, 0xff);
     }
 }
 

@@ -1,0 +1,62 @@
+//! Shared by the benchmarks: percentiles, the machine line of a report,
+//! and writing a report into its section of `docs/performance.md`.
+
+#![allow(dead_code)]
+
+/// The value at fraction `p` (0..=1) of `sorted` (ascending, not empty),
+/// by nearest rank.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+/// Sorts `values` and returns its median (`NaN` if empty).
+pub fn median(values: &mut [f64]) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    percentile(values, 0.5)
+}
+
+/// `Machine: <n> host CPUs, Linux <release>, KVM <with|without hardware
+/// virtualization ...>.`
+pub fn machine_line() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kvm_kind = if std::fs::read_to_string("/proc/cpuinfo")
+        .map(|c| c.contains(" vmx") || c.contains(" svm"))
+        .unwrap_or(false)
+    {
+        "with hardware virtualization"
+    } else {
+        "without hardware virtualization (instruction emulator)"
+    };
+    format!(
+        "Machine: {cpus} host CPUs, Linux {}, KVM {kvm_kind}.",
+        host.trim()
+    )
+}
+
+/// Replaces the text between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->`
+/// in docs/performance.md.
+pub fn write_docs_section(name: &str, body: &str) {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/performance.md");
+    let Ok(doc) = std::fs::read_to_string(path) else {
+        eprintln!("{path} not found; report not written");
+        return;
+    };
+    let (open, close) = (
+        format!("<!-- bench:{name} -->"),
+        format!("<!-- /bench:{name} -->"),
+    );
+    match (doc.find(&open), doc.find(&close)) {
+        (Some(a), Some(b)) if a < b => {
+            let new = format!("{}{open}\n{body}{}", &doc[..a], &doc[b..]);
+            if let Err(e) = std::fs::write(path, new) {
+                eprintln!("cannot update {path}: {e}");
+            }
+        }
+        _ => eprintln!("markers for {name} not found in {path}; report not written"),
+    }
+}
