@@ -54,7 +54,7 @@ pub struct CtlArgs {
 }
 
 /// What `twinvm ctl` asks of the VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
 pub enum CtlAction {
     /// Print the VM's status as JSON: state, uptime, vCPUs, memory, devices.
     Status,
@@ -64,6 +64,15 @@ pub enum CtlAction {
     Resume,
     /// Power the VM off; `twinvm run` then exits with status 0.
     Stop,
+    /// Write a snapshot of the VM (guest memory and state) into a new or
+    /// empty directory; a running VM is paused meanwhile and then resumed.
+    /// Restore it with `twinvm run --restore DIR`.
+    Snapshot {
+        /// The directory (created if needed; relative to this command's
+        /// working directory).
+        #[arg(long, value_name = "DIR", value_parser = OsStringValueParser::new().try_map(parse_path_arg))]
+        to: PathBuf,
+    },
 }
 
 /// Options of `twinvm run`. Each one overrides the same setting in the
@@ -120,6 +129,12 @@ pub struct RunArgs {
     /// TOML config file; relative paths in it are relative to its directory.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+
+    /// Continue the guest from the snapshot in DIR (`twinvm ctl snapshot`)
+    /// instead of booting it. Give the same memory, vCPUs, network devices
+    /// and disks (unchanged) as the snapshotted VM had.
+    #[arg(long, value_name = "DIR", value_parser = OsStringValueParser::new().try_map(parse_path_arg))]
+    pub restore: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -418,6 +433,30 @@ mod tests {
             assert_eq!(a.socket, PathBuf::from("/tmp/s"));
             assert_eq!(a.action, action);
         }
+        let a = parse_ctl(&["--socket", "/tmp/s", "snapshot", "--to", "snap/1"]).expect("snapshot");
+        assert_eq!(
+            a.action,
+            CtlAction::Snapshot {
+                to: PathBuf::from("snap/1")
+            }
+        );
+    }
+
+    #[test]
+    fn snapshot_needs_a_directory_and_restore_takes_one() {
+        for args in [
+            &["--socket", "/tmp/s", "snapshot"][..],
+            &["--socket", "/tmp/s", "snapshot", "--to", ""],
+            &["--socket", "/tmp/s", "snapshot", "/d"],
+        ] {
+            let err = parse_ctl(args).expect_err(&args.join(" "));
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+            assert!(!one_line_message(&err).contains('\n'));
+        }
+        let a = parse(&["run", "--restore", "/snap"]).expect("valid arguments");
+        assert_eq!(a.restore, Some(PathBuf::from("/snap")));
+        let err = parse(&["run", "--restore", ""]).expect_err("empty path");
+        assert!(one_line_message(&err).contains("--restore"));
     }
 
     #[test]

@@ -707,6 +707,7 @@ mod tests {
             disk: Vec::new(),
             api_socket: None,
             config: None,
+            restore: None,
         };
         let c = merge(file, &args, GUEST).expect("merge");
         assert_eq!(c.memory_bytes, 1 << 30);

@@ -11,6 +11,9 @@ use crate::cli::{CtlAction, CtlArgs};
 
 /// How long to wait for the VM to answer.
 const TIMEOUT: Duration = Duration::from_secs(30);
+/// How long to wait for a snapshot to be written (guest RAM goes to disk
+/// and is synced).
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// The most response bytes read.
 const MAX_RESPONSE: u64 = 1 << 20;
 
@@ -35,6 +38,15 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A path that cannot be sent to the VM.
+    #[error("cannot use the path '{}'", .path.display())]
+    BadPath {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The VM answered with something that is not a valid response.
     #[error("the VM sent an invalid response: {0}")]
     BadResponse(String),
@@ -50,13 +62,22 @@ pub enum Error {
 
 /// Runs `twinvm ctl`; prints the result on stdout.
 pub fn run(args: &CtlArgs) -> Result<(), Error> {
-    let (method, path, done) = match args.action {
-        CtlAction::Status => ("GET", "/vm", ""),
-        CtlAction::Pause => ("PUT", "/vm/pause", "VM paused"),
-        CtlAction::Resume => ("PUT", "/vm/resume", "VM resumed"),
-        CtlAction::Stop => ("PUT", "/vm/power-off", "VM powering off"),
+    let mut body = None;
+    let (method, path, done) = match &args.action {
+        CtlAction::Status => ("GET", "/vm", String::new()),
+        CtlAction::Pause => ("PUT", "/vm/pause", "VM paused".into()),
+        CtlAction::Resume => ("PUT", "/vm/resume", "VM resumed".into()),
+        CtlAction::Stop => ("PUT", "/vm/power-off", "VM powering off".into()),
+        CtlAction::Snapshot { to } => {
+            body = Some(snapshot_body(to)?);
+            (
+                "PUT",
+                "/vm/snapshot",
+                format!("snapshot written to {}", to.display()),
+            )
+        }
     };
-    let resp = call(&args.socket, method, path)?;
+    let resp = call(&args.socket, method, path, body.as_deref())?;
     if !(200..300).contains(&resp.status) {
         let message = serde_json::from_slice::<ErrorBody>(&resp.body)
             .map(|b| b.error)
@@ -66,7 +87,7 @@ pub fn run(args: &CtlArgs) -> Result<(), Error> {
             message,
         });
     }
-    if args.action == CtlAction::Status {
+    if matches!(args.action, CtlAction::Status) {
         let status: VmStatus = serde_json::from_slice(&resp.body)
             .map_err(|e| Error::BadResponse(format!("status is not valid JSON: {e}")))?;
         let text =
@@ -78,8 +99,30 @@ pub fn run(args: &CtlArgs) -> Result<(), Error> {
     Ok(())
 }
 
-/// Sends one request to the API socket at `socket` and reads the response.
-pub fn call(socket: &Path, method: &str, path: &str) -> Result<ClientResponse, Error> {
+/// The body of `PUT /vm/snapshot` for the directory `to`: relative to this
+/// process's working directory, so it is sent as an absolute path (the VM
+/// would resolve a relative one against its own).
+fn snapshot_body(to: &Path) -> Result<Vec<u8>, Error> {
+    let dir = std::path::absolute(to).map_err(|e| Error::BadPath {
+        path: to.to_path_buf(),
+        source: e,
+    })?;
+    let dir = dir.to_str().ok_or_else(|| Error::BadPath {
+        path: to.to_path_buf(),
+        source: std::io::Error::new(ErrorKind::InvalidInput, "the path is not valid UTF-8"),
+    })?;
+    serde_json::to_vec(&serde_json::json!({ "to": dir }))
+        .map_err(|e| Error::BadResponse(e.to_string()))
+}
+
+/// Sends one request (with a JSON `body`, if any) to the API socket at
+/// `socket` and reads the response.
+pub fn call(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+) -> Result<ClientResponse, Error> {
     let mut stream = UnixStream::connect(socket).map_err(|source| Error::Connect {
         path: socket.to_path_buf(),
         source,
@@ -88,10 +131,15 @@ pub fn call(socket: &Path, method: &str, path: &str) -> Result<ClientResponse, E
         path: socket.to_path_buf(),
         source,
     };
-    stream.set_read_timeout(Some(TIMEOUT)).map_err(io)?;
+    let timeout = if path == "/vm/snapshot" {
+        SNAPSHOT_TIMEOUT
+    } else {
+        TIMEOUT
+    };
+    stream.set_read_timeout(Some(timeout)).map_err(io)?;
     stream.set_write_timeout(Some(TIMEOUT)).map_err(io)?;
     stream
-        .write_all(&http::request_bytes(method, path, None))
+        .write_all(&http::request_bytes(method, path, body))
         .map_err(io)?;
     let mut buf = Vec::new();
     match (&mut stream).take(MAX_RESPONSE).read_to_end(&mut buf) {
@@ -101,7 +149,7 @@ pub fn call(socket: &Path, method: &str, path: &str) -> Result<ClientResponse, E
         Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
             return Err(io(std::io::Error::new(
                 ErrorKind::TimedOut,
-                format!("no answer within {} s", TIMEOUT.as_secs()),
+                format!("no answer within {} s", timeout.as_secs()),
             )));
         }
         Err(e) => return Err(io(e)),

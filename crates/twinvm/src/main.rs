@@ -38,6 +38,18 @@ enum Error {
     /// `twinvm ctl` failed.
     #[error(transparent)]
     Ctl(#[from] ctl::Error),
+    /// `--restore DIR` names no directory.
+    #[error("--restore '{}': {}", .0.display(), if .0.exists() { "not a directory" } else { "no such directory" })]
+    NoSnapshotDir(std::path::PathBuf),
+    /// The snapshot could not be loaded into the VM.
+    #[error("--restore '{}'", .dir.display())]
+    Restore {
+        /// The snapshot directory.
+        dir: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: vmm::Error,
+    },
 }
 
 /// How long requests still in progress when the VM ends may take to finish
@@ -86,8 +98,14 @@ fn run_vm(args: &cli::RunArgs) -> Result<vmm::VmExit, Error> {
         net = ?config.net,
         disks = ?config.disks,
         api_socket = ?settings.api_socket,
+        restore = ?args.restore,
         "starting VM"
     );
+    if let Some(dir) = &args.restore
+        && !dir.is_dir()
+    {
+        return Err(Error::NoSnapshotDir(dir.clone()));
+    }
     // The socket first: a bad path fails before anything boots, and the
     // socket is bound before any other thread exists (see api::server).
     let listener = settings
@@ -96,6 +114,15 @@ fn run_vm(args: &cli::RunArgs) -> Result<vmm::VmExit, Error> {
         .map(api::server::bind)
         .transpose()?;
     let vm = Arc::new(vmm::Vm::new(config, vmm::Console::stdio())?);
+    if let Some(dir) = &args.restore {
+        // The VM is built as usual (its kernel loaded), then its RAM and
+        // state are replaced by the snapshot's.
+        vm.restore_from(dir).map_err(|source| Error::Restore {
+            dir: dir.clone(),
+            source,
+        })?;
+        tracing::info!(dir = %dir.display(), identity = %vm.identity(), "restored the snapshot");
+    }
     vm.start()?;
     let started = Instant::now();
     let Some(listener) = listener else {

@@ -777,3 +777,55 @@ fn api_socket_is_removed_when_the_vm_cannot_be_built() {
     );
     assert!(!socket.exists(), "the socket file was left behind");
 }
+
+#[test]
+fn snapshot_and_restore_usage_errors() {
+    reject(
+        &["ctl", "--socket", "/tmp/x.sock", "snapshot"],
+        USAGE,
+        &["--to"],
+    );
+    reject(
+        &["ctl", "--socket", "/tmp/x.sock", "snapshot", "--to", ""],
+        USAGE,
+        &["--to", "empty"],
+    );
+    reject(&["run", "--restore", ""], USAGE, &["--restore", "empty"]);
+}
+
+#[test]
+fn restore_from_a_directory_that_does_not_exist() {
+    let dir = TempDir::new("restore-missing");
+    let missing = dir.path().join("no-snapshot");
+    reject(
+        &["run", "--restore", path_str(&missing)],
+        FAILURE,
+        &["--restore", path_str(&missing), "no such directory"],
+    );
+    // A file is not a snapshot directory either.
+    let file = dir.write("file", "x");
+    reject(
+        &["run", "--restore", path_str(&file)],
+        FAILURE,
+        &["not a directory"],
+    );
+}
+
+#[test]
+fn ctl_snapshot_without_a_vm() {
+    let dir = TempDir::new("ctl-snapshot-novm");
+    let socket = dir.path().join("api.sock");
+    reject(
+        &[
+            "ctl",
+            "--socket",
+            path_str(&socket),
+            "snapshot",
+            "--to",
+            path_str(&dir.path().join("snap")),
+        ],
+        FAILURE,
+        &["cannot connect to the API socket"],
+    );
+    assert!(!dir.path().join("snap").exists());
+}

@@ -7,6 +7,8 @@
 //! [`Control`] method that records its progress where
 //! [`Control::status`] can report it, so `GET /vm` shows it meanwhile.
 
+use std::path::{Path, PathBuf};
+
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
@@ -51,6 +53,10 @@ pub trait Control: Send + Sync {
     fn resume(&self) -> Result<(), ApiError>;
     /// Asks the VM to end as if the guest had powered off.
     fn power_off(&self) -> Result<(), ApiError>;
+    /// Writes a snapshot of the VM into the directory `to` (relative to
+    /// twinvm's working directory), pausing a running VM for it and
+    /// resuming it afterwards; a paused VM stays paused.
+    fn snapshot(&self, to: &Path) -> Result<(), ApiError>;
 }
 
 /// A request handler.
@@ -84,6 +90,11 @@ const ROUTES: &[Route] = &[
         method: "PUT",
         path: "/vm/power-off",
         handler: put_power_off,
+    },
+    Route {
+        method: "PUT",
+        path: "/vm/snapshot",
+        handler: put_snapshot,
     },
 ];
 
@@ -155,10 +166,33 @@ fn put_power_off(control: &dyn Control, req: &Request) -> Response {
     operation(req, 202, || control.power_off())
 }
 
+/// The body of `PUT /vm/snapshot`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotArguments {
+    /// The directory to write the snapshot into.
+    to: PathBuf,
+}
+
+fn put_snapshot(control: &dyn Control, req: &Request) -> Response {
+    let args = match json_body::<SnapshotArguments>(req) {
+        Ok(args) => args,
+        Err(resp) => return resp,
+    };
+    if args.to.as_os_str().is_empty() {
+        return Response::error(400, "invalid JSON body: `to` is empty");
+    }
+    match control.snapshot(&args.to) {
+        Ok(()) => Response::empty(204),
+        Err(e) => Response::error(e.status, e.message),
+    }
+}
+
 #[cfg(test)]
 pub mod fake {
     //! A [`Control`] for tests.
 
+    use std::path::{Path, PathBuf};
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -175,6 +209,9 @@ pub mod fake {
         pub paused: Mutex<bool>,
         pub powered_off: AtomicBool,
         pub fail: AtomicBool,
+        /// The directories snapshots were written to, and whether the VM
+        /// was paused while each was written.
+        pub snapshots: Mutex<Vec<(PathBuf, bool)>>,
     }
 
     impl Control for Fake {
@@ -206,6 +243,20 @@ pub mod fake {
         }
         fn power_off(&self) -> Result<(), ApiError> {
             self.powered_off.store(true, Ordering::SeqCst);
+            Ok(())
+        }
+        fn snapshot(&self, to: &Path) -> Result<(), ApiError> {
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(ApiError::internal(format!(
+                    "{} is not an empty directory",
+                    to.display()
+                )));
+            }
+            // Like the real one: paused while writing, then as before.
+            let was_paused = self.is_paused();
+            *lock(&self.paused) = true;
+            lock(&self.snapshots).push((to.to_path_buf(), self.is_paused()));
+            *lock(&self.paused) = was_paused;
             Ok(())
         }
     }
@@ -266,7 +317,7 @@ mod tests {
     #[test]
     fn unknown_paths_are_404_and_wrong_methods_405() {
         let fake = Fake::default();
-        for path in ["/", "/vm/", "/vm/snapshot", "/VM", "/vm/pause/x"] {
+        for path in ["/", "/vm/", "/vm/snapshots", "/VM", "/vm/pause/x"] {
             let resp = route(&fake, &req("PUT", path, ""));
             assert_eq!(resp.status, 404, "{path}");
             assert!(error_of(&resp).contains(path), "{path}");
@@ -307,5 +358,61 @@ mod tests {
         let resp = route(&fake, &req("PUT", "/vm/pause", ""));
         assert_eq!(resp.status, 409);
         assert_eq!(error_of(&resp), "the VM is shutting down");
+    }
+
+    #[test]
+    fn snapshot_takes_a_directory() {
+        let fake = Fake::default();
+        let resp = route(&fake, &req("PUT", "/vm/snapshot", r#"{"to": "/snap/a"}"#));
+        assert_eq!(resp.status, 204, "{resp:?}");
+        assert!(resp.body.is_empty());
+        // A paused VM is snapshotted too, and stays paused.
+        assert_eq!(route(&fake, &req("PUT", "/vm/pause", "")).status, 204);
+        let resp = route(&fake, &req("PUT", "/vm/snapshot", r#"{"to":"rel/b"}"#));
+        assert_eq!(resp.status, 204, "{resp:?}");
+        assert!(fake.is_paused());
+        assert_eq!(
+            *fake.snapshots.lock().unwrap(),
+            [
+                (PathBuf::from("/snap/a"), true),
+                (PathBuf::from("rel/b"), true)
+            ]
+        );
+        let resp = route(&fake, &req("GET", "/vm/snapshot", ""));
+        assert_eq!((resp.status, resp.allow.as_deref()), (405, Some("PUT")));
+    }
+
+    #[test]
+    fn snapshot_bodies_without_a_directory_are_400() {
+        let fake = Fake::default();
+        for (body, want) in [
+            ("", "missing field `to`"),
+            ("{}", "missing field `to`"),
+            (r#"{"to": ""}"#, "`to` is empty"),
+            (r#"{"to": 5}"#, "invalid JSON body"),
+            (r#"{"to": "/a", "force": true}"#, "unknown field `force`"),
+            (r#"{"dir": "/a"}"#, "unknown field `dir`"),
+            ("null", "invalid JSON body"),
+            (r#"{"to": "/a""#, "invalid JSON body"),
+        ] {
+            let resp = route(&fake, &req("PUT", "/vm/snapshot", body));
+            assert_eq!(resp.status, 400, "{body}");
+            assert!(
+                error_of(&resp).contains(want),
+                "{body}: {}",
+                error_of(&resp)
+            );
+        }
+        assert!(fake.snapshots.lock().unwrap().is_empty());
+        assert!(!fake.is_paused());
+    }
+
+    #[test]
+    fn snapshot_failures_are_500_with_the_reason() {
+        let fake = Fake::default();
+        fake.fail.store(true, Ordering::SeqCst);
+        let resp = route(&fake, &req("PUT", "/vm/snapshot", r#"{"to": "/x"}"#));
+        assert_eq!(resp.status, 500);
+        assert_eq!(error_of(&resp), "/x is not an empty directory");
     }
 }
