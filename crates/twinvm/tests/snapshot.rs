@@ -395,6 +395,53 @@ fn state_loads_again_and_again_into_the_same_vm_with_its_disk() {
     power_off(vm);
 }
 
+/// The COLO secondary's pattern: one state loaded into the same VM again
+/// and again, the guest running a little in between. After every load the
+/// guest's timer still runs: it answers a command on the serial port, which
+/// it reads on timer ticks.
+#[test]
+fn state_loads_many_times_in_a_row_and_the_timer_keeps_running() {
+    if !common::kvm_available() {
+        return;
+    }
+    let config = VmConfig {
+        memory_bytes: 32 << 20,
+        ..config("", None)
+    };
+    let (vm, lines) = boot(&config);
+    lines.wait_counter();
+    vm.pause().expect("pause");
+    let state = vm.save_state_bytes().expect("save");
+    let ram = copy_ram(&vm);
+    vm.resume().expect("resume");
+    for round in 0..LOAD_ROUNDS {
+        vm.pause().expect("pause");
+        lines.drain();
+        write_ram(&vm, &ram);
+        vm.load_state_bytes(&state, Some(vm.identity()))
+            .expect("load");
+        vm.resume().expect("resume");
+        assert_eq!(
+            vm.send_console_input(b"counter\n", Duration::from_secs(10)),
+            8,
+            "round {round}"
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match lines.rx.recv_timeout(left) {
+                Ok(l) if l.starts_with("counter=") => break,
+                Ok(_) => {}
+                Err(_) => panic!("round {round}: the guest stopped answering after a load"),
+            }
+        }
+    }
+    power_off(vm);
+}
+
+/// Loads in [`state_loads_many_times_in_a_row_and_the_timer_keeps_running`].
+const LOAD_ROUNDS: usize = 150;
+
 /// Changes the contents of `state.bin` and `memory.bin`.
 type Edit = Box<dyn FnOnce(&mut Vec<u8>, &mut Vec<u8>)>;
 

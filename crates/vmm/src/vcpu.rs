@@ -171,6 +171,10 @@ pub struct Vcpu {
     memory: GuestMemoryMmap,
     events: Sender<VmEvent>,
     msr_list: Vec<u32>,
+    /// The last exit was a port or MMIO access that KVM completes (stores
+    /// what a read returned, moves RIP past the instruction) only when
+    /// KVM_RUN is entered again.
+    io_pending: bool,
 }
 
 impl Vcpu {
@@ -192,6 +196,7 @@ impl Vcpu {
             memory,
             events,
             msr_list,
+            io_pending: false,
         }
     }
 
@@ -225,6 +230,12 @@ impl Vcpu {
                 VcpuState::Running => {
                     // Commands that arrived while serving the previous exit.
                     if let Ok(request) = commands.try_recv() {
+                        // Whatever the command, the vCPU's state must be
+                        // whole before it pauses or its state is touched.
+                        if let Some(event) = self.complete_pending_io() {
+                            state = VcpuState::Stopped;
+                            let _ = self.events.send(event);
+                        }
                         let _ = acks.send(self.handle(request, &mut state));
                         continue;
                     }
@@ -266,7 +277,47 @@ impl Vcpu {
         }
     }
 
+    /// Finishes the port or MMIO instruction of the last exit, running no
+    /// further guest code: KVM_RUN entered with `immediate_exit` set
+    /// completes the pending operation and returns at once (KVM's
+    /// documented way to make a vCPU's state consistent before it is read
+    /// or replaced). Without it, a state read now would miss the
+    /// instruction's result, and a state loaded now would be overwritten by
+    /// the completion on the next KVM_RUN (the registers KVM's emulator
+    /// held for the instruction, RIP and RFLAGS among them, written over the
+    /// loaded ones). A string instruction may exit again for its next
+    /// piece; those exits are served too.
+    fn complete_pending_io(&mut self) -> Option<VmEvent> {
+        // A `rep ins/outs` exits once per piece; this bounds a guest that
+        // could otherwise keep the vCPU here.
+        const MAX_EXITS: usize = 4096;
+        let mut stop = None;
+        for _ in 0..MAX_EXITS {
+            if !self.io_pending {
+                break;
+            }
+            self.fd.set_kvm_immediate_exit(1);
+            match self.run_once() {
+                Step::Continue => {}
+                Step::Interrupted => self.io_pending = false,
+                Step::Stop(event) => {
+                    stop = Some(event);
+                    break;
+                }
+            }
+        }
+        self.fd.set_kvm_immediate_exit(0);
+        if self.io_pending && stop.is_none() {
+            tracing::warn!(
+                "vCPU {}: a string I/O instruction did not complete before the pause",
+                self.index
+            );
+        }
+        stop
+    }
+
     fn run_once(&mut self) -> Step {
+        self.io_pending = false;
         let exit = match self.fd.run() {
             Ok(exit) => exit,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
@@ -279,6 +330,13 @@ impl Vcpu {
                 )));
             }
         };
+        self.io_pending = matches!(
+            exit,
+            VcpuExit::IoIn(..)
+                | VcpuExit::IoOut(..)
+                | VcpuExit::MmioRead(..)
+                | VcpuExit::MmioWrite(..)
+        );
         match exit {
             VcpuExit::IoIn(port, data) => {
                 if !self.pio.read(u64::from(port), data) {

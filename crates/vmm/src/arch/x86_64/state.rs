@@ -240,6 +240,16 @@ pub fn save_vm(vm: &VmFd) -> Result<VmArchSnapshot, StateError> {
 
 /// Writes the VM-wide state. Every vCPU must be paused; load the vCPUs
 /// afterwards (their local APICs take interrupts from these chips).
+///
+/// The clock first, then the PICs and the IOAPIC, the PIT last. The
+/// in-kernel PIT keeps ticking while the vCPUs are paused, and in its
+/// default re-inject mode it raises its next tick only after the guest
+/// acknowledged the previous one. Setting the PIT resets that bookkeeping;
+/// a tick raised after it but before the PICs were set would be wiped from
+/// the PIC while the PIT still waited for its acknowledgement — and the
+/// guest's timer would stop for good. With the PIT set last, a tick raised
+/// between the two lands in the loaded PIC (at worst one tick early), and
+/// every later one too.
 pub fn load_vm(vm: &VmFd, s: &VmArchSnapshot) -> Result<(), StateError> {
     // Only the time itself is restored; the flags KVM reported describe how
     // it was read, not something to set.
@@ -249,8 +259,6 @@ pub fn load_vm(vm: &VmFd, s: &VmArchSnapshot) -> Result<(), StateError> {
     };
     vm.set_clock(&clock)
         .map_err(|e| StateError::Kvm("set the guest clock", e))?;
-    vm.set_pit2(&s.pit)
-        .map_err(|e| StateError::Kvm("set the PIT", e))?;
     for (chip, what) in [
         (&s.pic_master, "set the master PIC"),
         (&s.pic_slave, "set the slave PIC"),
@@ -258,5 +266,7 @@ pub fn load_vm(vm: &VmFd, s: &VmArchSnapshot) -> Result<(), StateError> {
     ] {
         vm.set_irqchip(chip).map_err(|e| StateError::Kvm(what, e))?;
     }
+    vm.set_pit2(&s.pit)
+        .map_err(|e| StateError::Kvm("set the PIT", e))?;
     Ok(())
 }
