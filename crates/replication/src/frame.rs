@@ -310,6 +310,17 @@ mod tests {
     }
 
     #[test]
+    fn documented_example() {
+        // docs/replication-link.md: a version-1 Heartbeat, sequence 7, payload "hi".
+        let b = encode_frame(1, MsgType::Heartbeat, 0, 7, b"hi").unwrap();
+        let hex: Vec<String> = b.iter().map(|x| format!("{x:02x}")).collect();
+        assert_eq!(
+            hex.join(" "),
+            "54 57 52 4c 01 00 05 00 00 00 00 00 02 00 00 00 07 00 00 00 00 00 00 00 68 69"
+        );
+    }
+
+    #[test]
     fn round_trip() {
         for (t, flags, payload) in [
             (MsgType::Hello, 0, &b""[..]),
