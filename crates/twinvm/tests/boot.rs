@@ -7,16 +7,10 @@ mod common;
 use std::time::Duration;
 
 use common::Twinvm;
+use common::guest::counter_of;
 
 const BANNER: &str = "TWINVM TESTGUEST READY";
 const T: Duration = Duration::from_secs(60);
-
-fn counter_of(line: &str) -> u64 {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix("counter="))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no counter in {line:?}"))
-}
 
 fn is_counter(line: &str) -> bool {
     line.starts_with("counter=")

@@ -9,85 +9,20 @@ mod common;
 
 use std::io::Write;
 use std::path::Path;
-use std::sync::mpsc::{Receiver, Sender, channel};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::TempDir;
-use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
-use vmm::{Console, DiskConfig, KernelSource, Vm, VmConfig, VmExit};
+use common::guest::{
+    Lines, T, boot, build, copy_ram, guest_config, last_counter, power_off, write_ram,
+};
+use vmm::{DiskConfig, VmConfig};
 
-const ELF: &[u8] = include_bytes!(env!("TWINVM_TESTGUEST_ELF"));
-const T: Duration = Duration::from_secs(60);
 const MEMORY: u64 = 128 << 20;
 /// IA32_TSC.
 const MSR_TSC: u32 = 0x10;
 
-/// Serial output split into lines and sent over a channel; the line being
-/// written is shared, so that a VM restored from a snapshot can finish the
-/// line its original was in the middle of.
-struct LineSink {
-    partial: Arc<Mutex<Vec<u8>>>,
-    lines: Sender<String>,
-}
-
-impl Write for LineSink {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let mut partial = self.partial.lock().unwrap();
-        for &b in buf {
-            if b == b'\n' {
-                let line = String::from_utf8_lossy(&partial).trim_end().to_string();
-                partial.clear();
-                let _ = self.lines.send(line);
-            } else {
-                partial.push(b);
-            }
-        }
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// A VM's console: its lines, and the unfinished one.
-struct Lines {
-    rx: Receiver<String>,
-    partial: Arc<Mutex<Vec<u8>>>,
-}
-
-impl Lines {
-    fn wait(&self, pred: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + T;
-        let mut seen = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.rx.recv_timeout(left) {
-                Ok(line) if pred(&line) => return line,
-                Ok(line) => seen.push(line),
-                Err(_) => panic!("no matching console line within {T:?}; got {seen:#?}"),
-            }
-        }
-    }
-
-    fn wait_counter(&self) -> u64 {
-        counter_of(&self.wait(|l| l.starts_with("counter=")))
-    }
-
-    /// The lines printed so far (draining them).
-    fn drain(&self) -> Vec<String> {
-        self.rx.try_iter().collect()
-    }
-}
-
 fn config(cmdline: &str, disk: Option<&Path>) -> VmConfig {
     VmConfig {
-        memory_bytes: MEMORY,
-        vcpus: 1,
-        kernel: KernelSource::Bytes(ELF),
-        initrd: None,
-        cmdline: cmdline.into(),
-        net: Vec::new(),
         disks: disk
             .map(|p| DiskConfig {
                 path: p.to_path_buf(),
@@ -96,53 +31,8 @@ fn config(cmdline: &str, disk: Option<&Path>) -> VmConfig {
             })
             .into_iter()
             .collect(),
+        ..guest_config(MEMORY, cmdline)
     }
-}
-
-/// Builds a VM (paused, not started) whose console starts with `partial`.
-fn build(config: &VmConfig, partial: Vec<u8>) -> (Vm, Lines) {
-    let (tx, rx) = channel();
-    let partial = Arc::new(Mutex::new(partial));
-    let console = Console {
-        output: Box::new(LineSink {
-            partial: partial.clone(),
-            lines: tx,
-        }),
-        input: None,
-    };
-    let vm = Vm::new(config, console).expect("build VM");
-    (vm, Lines { rx, partial })
-}
-
-fn boot(config: &VmConfig) -> (Vm, Lines) {
-    let (vm, lines) = build(config, Vec::new());
-    vm.start().expect("start VM");
-    lines.wait(|l| l == "TWINVM TESTGUEST READY");
-    (vm, lines)
-}
-
-/// The `counter=<n>` value of a counter line.
-fn counter_of(line: &str) -> u64 {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix("counter="))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no counter in {line:?}"))
-}
-
-fn last_counter(lines: &[String]) -> Option<u64> {
-    lines
-        .iter()
-        .rev()
-        .find(|l| l.starts_with("counter="))
-        .map(|l| counter_of(l))
-}
-
-fn power_off(vm: Vm) {
-    assert_eq!(
-        vm.send_console_input(b"poweroff\n", Duration::from_secs(10)),
-        9
-    );
-    assert_eq!(vm.wait().expect("clean exit"), VmExit::PowerOff);
 }
 
 fn tsc(state: &vmm::MachineState) -> u64 {
@@ -242,26 +132,6 @@ fn restored_guest_continues_its_counter_and_clock() {
         "the guest booted again"
     );
     power_off(vm);
-}
-
-/// A copy of all guest RAM, region by region.
-fn copy_ram(vm: &Vm) -> Vec<(vm_memory::GuestAddress, Vec<u8>)> {
-    vm.memory()
-        .iter()
-        .map(|r| {
-            let mut buf = vec![0u8; r.len() as usize];
-            vm.memory()
-                .read_slice(&mut buf, r.start_addr())
-                .expect("read RAM");
-            (r.start_addr(), buf)
-        })
-        .collect()
-}
-
-fn write_ram(vm: &Vm, ram: &[(vm_memory::GuestAddress, Vec<u8>)]) {
-    for (addr, bytes) in ram {
-        vm.memory().write_slice(bytes, *addr).expect("write RAM");
-    }
 }
 
 const RECORDS: u64 = 64;

@@ -24,6 +24,8 @@
 
 #![allow(dead_code)]
 
+pub mod guest;
+
 use std::ffi::OsStr;
 use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader, Read, Write};
