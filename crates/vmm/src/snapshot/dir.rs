@@ -168,6 +168,22 @@ fn write_file_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), Sna
     std::fs::rename(&tmp, &path).map_err(io_error("rename into place", &path))
 }
 
+/// Guest RAM as `memory.bin` lays it out: regions one after the other, cut
+/// into chunks of at most `CHUNK` bytes. Yields (guest address, offset in
+/// the file, length).
+fn ram_chunks(mem: &GuestMemoryMmap) -> impl Iterator<Item = (u64, u64, usize)> + '_ {
+    let mut file_offset = 0u64;
+    mem.iter().flat_map(move |region| {
+        let (start, len) = (region.start_addr().0, region.len());
+        let base = file_offset;
+        file_offset += len;
+        (0..len).step_by(CHUNK).map(move |done| {
+            let n = (len - done).min(CHUNK as u64) as usize;
+            (start + done, base + done, n)
+        })
+    })
+}
+
 /// Writes guest RAM, region after region, to `dir/memory.bin` (through a
 /// synced temporary file), leaving all-zero pages as holes. Returns the
 /// file's length and CRC32.
@@ -177,48 +193,39 @@ pub fn write_memory(mem: &GuestMemoryMmap, dir: &Path) -> Result<MemoryImage, Sn
     let zero = [0u8; PAGE_SIZE as usize];
     let mut buf = vec![0u8; CHUNK];
     let mut crc = crc32fast::Hasher::new();
-    let mut file_offset = 0u64;
-    for region in mem.iter() {
-        let start = region.start_addr();
-        let len = region.len();
-        let mut done = 0u64;
-        while done < len {
-            let n = (len - done).min(CHUNK as u64) as usize;
-            let chunk = &mut buf[..n];
-            let addr = start.0 + done;
-            mem.read_slice(chunk, vm_memory::GuestAddress(addr))
-                .map_err(|source| SnapshotError::GuestMemory { addr, source })?;
-            crc.update(chunk);
-            // Write each run of pages that are not all zero.
-            let mut run: Option<usize> = None;
-            for (i, page) in chunk.chunks(PAGE_SIZE as usize).enumerate() {
-                let at = i * PAGE_SIZE as usize;
-                match (page == &zero[..page.len()], run) {
-                    (false, None) => run = Some(at),
-                    (true, Some(from)) => {
-                        file.write_all_at(&chunk[from..at], file_offset + from as u64)
-                            .map_err(io_error("write", &tmp))?;
-                        run = None;
-                    }
-                    _ => {}
+    for (addr, file_offset, n) in ram_chunks(mem) {
+        let chunk = &mut buf[..n];
+        mem.read_slice(chunk, vm_memory::GuestAddress(addr))
+            .map_err(|source| SnapshotError::GuestMemory { addr, source })?;
+        crc.update(chunk);
+        // Write each run of pages that are not all zero.
+        let mut run: Option<usize> = None;
+        for (i, page) in chunk.chunks(PAGE_SIZE as usize).enumerate() {
+            let at = i * PAGE_SIZE as usize;
+            match (page == &zero[..page.len()], run) {
+                (false, None) => run = Some(at),
+                (true, Some(from)) => {
+                    file.write_all_at(&chunk[from..at], file_offset + from as u64)
+                        .map_err(io_error("write", &tmp))?;
+                    run = None;
                 }
+                _ => {}
             }
-            if let Some(from) = run {
-                file.write_all_at(&chunk[from..], file_offset + from as u64)
-                    .map_err(io_error("write", &tmp))?;
-            }
-            done += n as u64;
-            file_offset += n as u64;
+        }
+        if let Some(from) = run {
+            file.write_all_at(&chunk[from..], file_offset + from as u64)
+                .map_err(io_error("write", &tmp))?;
         }
     }
     // Trailing zero pages are a hole too.
-    file.set_len(file_offset)
+    let file_len: u64 = mem.iter().map(|r| r.len()).sum();
+    file.set_len(file_len)
         .and_then(|()| file.sync_all())
         .map_err(io_error("write", &tmp))?;
     let path = dir.join(MEMORY_FILE);
     std::fs::rename(&tmp, &path).map_err(io_error("rename into place", &path))?;
     Ok(MemoryImage {
-        len: file_offset,
+        len: file_len,
         crc32: crc.finalize(),
     })
 }
@@ -245,36 +252,26 @@ pub fn read_memory(
     let mut from_file = vec![0u8; CHUNK];
     let mut in_ram = vec![0u8; CHUNK];
     let mut crc = crc32fast::Hasher::new();
-    let mut file_offset = 0u64;
-    for region in mem.iter() {
-        let start = region.start_addr();
-        let len = region.len();
-        let mut done = 0u64;
-        while done < len {
-            let n = (len - done).min(CHUNK as u64) as usize;
-            let file_chunk = &mut from_file[..n];
-            file.read_exact_at(file_chunk, file_offset)
-                .map_err(io_error("read", path))?;
-            crc.update(file_chunk);
-            let ram_chunk = &mut in_ram[..n];
-            let addr = start.0 + done;
-            mem.read_slice(ram_chunk, vm_memory::GuestAddress(addr))
-                .map_err(|source| SnapshotError::GuestMemory { addr, source })?;
-            let pages = file_chunk
-                .chunks(PAGE_SIZE as usize)
-                .zip(ram_chunk.chunks(PAGE_SIZE as usize));
-            for (i, (want, have)) in pages.enumerate() {
-                if want != have {
-                    let page_addr = addr + (i as u64) * PAGE_SIZE;
-                    mem.write_slice(want, vm_memory::GuestAddress(page_addr))
-                        .map_err(|source| SnapshotError::GuestMemory {
-                            addr: page_addr,
-                            source,
-                        })?;
-                }
+    for (addr, file_offset, n) in ram_chunks(mem) {
+        let file_chunk = &mut from_file[..n];
+        file.read_exact_at(file_chunk, file_offset)
+            .map_err(io_error("read", path))?;
+        crc.update(file_chunk);
+        let ram_chunk = &mut in_ram[..n];
+        mem.read_slice(ram_chunk, vm_memory::GuestAddress(addr))
+            .map_err(|source| SnapshotError::GuestMemory { addr, source })?;
+        let pages = file_chunk
+            .chunks(PAGE_SIZE as usize)
+            .zip(ram_chunk.chunks(PAGE_SIZE as usize));
+        for (i, (want, have)) in pages.enumerate() {
+            if want != have {
+                let page_addr = addr + (i as u64) * PAGE_SIZE;
+                mem.write_slice(want, vm_memory::GuestAddress(page_addr))
+                    .map_err(|source| SnapshotError::GuestMemory {
+                        addr: page_addr,
+                        source,
+                    })?;
             }
-            done += n as u64;
-            file_offset += n as u64;
         }
     }
     let computed = crc.finalize();
@@ -359,4 +356,32 @@ pub fn restore_from(vm: &Vm, dir: &Path) -> Result<(), Error> {
     vm.load_state(file.state)?;
     vm.set_identity(header.identity);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ram_chunks_cover_every_region_in_file_order() {
+        let low = CHUNK as u64 * 2 + 4096;
+        let high = CHUNK as u64 + 8192;
+        let mem = GuestMemoryMmap::from_ranges(&[
+            (vm_memory::GuestAddress(0), low as usize),
+            (vm_memory::GuestAddress(1 << 32), high as usize),
+        ])
+        .unwrap();
+        let chunks: Vec<(u64, u64, usize)> = ram_chunks(&mem).collect();
+        let c = CHUNK as u64;
+        assert_eq!(
+            chunks,
+            vec![
+                (0, 0, CHUNK),
+                (c, c, CHUNK),
+                (2 * c, 2 * c, 4096),
+                (1 << 32, low, CHUNK),
+                ((1 << 32) + c, low + c, 8192),
+            ]
+        );
+    }
 }
