@@ -12,25 +12,11 @@ use std::path::Path;
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
-use common::{TempDir, Twinvm, kvm_available, run_to_exit};
+use common::{
+    BANNER, TempDir, Twinvm, counter_of, is_counter, kvm_available, path_str, run_to_exit,
+};
 
-const BANNER: &str = "TWINVM TESTGUEST READY";
 const T: Duration = Duration::from_secs(60);
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("temp paths are UTF-8")
-}
-
-fn is_counter(line: &str) -> bool {
-    line.starts_with("counter=")
-}
-
-fn counter_of(line: &str) -> u64 {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix("counter="))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no counter in {line:?}"))
-}
 
 /// Runs `twinvm ctl --socket SOCKET ACTION`.
 fn ctl(socket: &Path, action: &str) -> (ExitStatus, String, String) {

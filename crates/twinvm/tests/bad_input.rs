@@ -7,7 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, ExitStatus};
 use std::time::Duration;
 
-use common::{TempDir, kvm_available, run_command_to_exit, run_to_exit, twinvm_bin};
+use common::{TempDir, kvm_available, path_str, run_command_to_exit, run_to_exit, twinvm_bin};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -51,10 +51,6 @@ fn reject(args: &[&str], code: i32, want: &[&str]) {
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
-}
-
-fn path_str(p: &std::path::Path) -> &str {
-    p.to_str().expect("temp paths are UTF-8")
 }
 
 // ---- command line (checked before the VMM runs) ----

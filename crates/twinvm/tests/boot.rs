@@ -7,14 +7,9 @@ mod common;
 use std::time::Duration;
 
 use common::Twinvm;
-use common::guest::counter_of;
+use common::{BANNER, counter_of, is_counter};
 
-const BANNER: &str = "TWINVM TESTGUEST READY";
 const T: Duration = Duration::from_secs(60);
-
-fn is_counter(line: &str) -> bool {
-    line.starts_with("counter=")
-}
 
 #[test]
 fn default_guest_boots_counts_and_powers_off() {

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TempDir, Twinvm};
+use common::{BANNER, TempDir, Twinvm};
 
 const T: Duration = Duration::from_secs(60);
 const RECORDS: u64 = 64;
@@ -52,8 +52,7 @@ fn expected_record(k: u64) -> [u8; 512] {
 
 fn boot(disk_arg: &str, cmdline: &str) -> Twinvm {
     let mut vm = Twinvm::spawn(&["run", "--disk", disk_arg, "--cmdline", cmdline]);
-    vm.wait_for_line(|l| l == "TWINVM TESTGUEST READY", T)
-        .unwrap();
+    vm.wait_for_line(|l| l == BANNER, T).unwrap();
     vm
 }
 

@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
-use common::{GUEST_IP, NetNs, Twinvm};
+use common::{BANNER, GUEST_IP, NetNs, Twinvm};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -18,8 +18,7 @@ fn guest(addr_port: u16) -> SocketAddr {
 
 fn ready(ns: &NetNs, cmdline: &str) -> Twinvm {
     let mut vm = ns.spawn_guest(cmdline, &[]);
-    vm.wait_for_line(|l| l == "TWINVM TESTGUEST READY", T)
-        .unwrap();
+    vm.wait_for_line(|l| l == BANNER, T).unwrap();
     let net = vm.wait_for_line(|l| l.starts_with("net0 "), T).unwrap();
     assert!(net.contains(&format!("ip={GUEST_IP}/24")), "{net}");
     vm

@@ -16,26 +16,13 @@ use std::path::Path;
 use std::process::{Command, ExitStatus};
 use std::time::Duration;
 
-use common::{TempDir, Twinvm, kvm_available, run_command_to_exit, run_to_exit, twinvm_bin};
+use common::{
+    BANNER, TempDir, Twinvm, counter_of, is_counter, kvm_available, path_str, run_command_to_exit,
+    run_to_exit, twinvm_bin,
+};
 
-const BANNER: &str = "TWINVM TESTGUEST READY";
 const T: Duration = Duration::from_secs(60);
 const MEMORY: &str = "64M";
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("temp paths are UTF-8")
-}
-
-fn is_counter(line: &str) -> bool {
-    line.starts_with("counter=")
-}
-
-fn counter_of(line: &str) -> u64 {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix("counter="))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no counter in {line:?}"))
-}
 
 /// `twinvm ctl --socket SOCKET ARGS...`, run in `cwd`.
 fn ctl_in(cwd: &Path, socket: &Path, args: &[&str]) -> (ExitStatus, String, String) {

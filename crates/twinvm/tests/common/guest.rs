@@ -81,7 +81,7 @@ impl Lines {
 
     /// Waits for the next counter line; returns its value.
     pub fn wait_counter(&self) -> u64 {
-        counter_of(&self.wait(|l| l.starts_with("counter=")))
+        super::counter_of(&self.wait(super::is_counter))
     }
 
     /// The lines printed so far (draining them).
@@ -109,16 +109,8 @@ pub fn build(config: &VmConfig, partial: Vec<u8>) -> (Vm, Lines) {
 pub fn boot(config: &VmConfig) -> (Vm, Lines) {
     let (vm, lines) = build(config, Vec::new());
     vm.start().expect("start VM");
-    lines.wait(|l| l == "TWINVM TESTGUEST READY");
+    lines.wait(|l| l == super::BANNER);
     (vm, lines)
-}
-
-/// The `counter=<n>` value of a counter line.
-pub fn counter_of(line: &str) -> u64 {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix("counter="))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no counter in {line:?}"))
 }
 
 /// The last counter value among `lines`.
@@ -127,7 +119,7 @@ pub fn last_counter(lines: &[String]) -> Option<u64> {
         .iter()
         .rev()
         .find(|l| l.starts_with("counter="))
-        .map(|l| counter_of(l))
+        .map(|l| super::counter_of(l))
 }
 
 /// Asks the guest to power off and checks that the VM ends cleanly.

@@ -38,6 +38,27 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+/// The test guest's ready banner.
+pub const BANNER: &str = "TWINVM TESTGUEST READY";
+
+/// Whether a console line is the test guest's per-second counter line.
+pub fn is_counter(line: &str) -> bool {
+    line.starts_with("counter=")
+}
+
+/// The `counter=<n>` value of a counter line.
+pub fn counter_of(line: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("counter="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no counter in {line:?}"))
+}
+
+/// A temporary path as a command-line argument.
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().expect("temp paths are UTF-8")
+}
+
 /// Environment variable that turns "no usable /dev/kvm" from a test failure
 /// into a skip.
 pub const SKIP_KVM_ENV: &str = "TWINVM_TESTS_SKIP_KVM";
