@@ -526,24 +526,7 @@ fn serve_counter(socket: &mut tcp::Socket, line: &mut LineAssembler, total: &mut
         if socket.send_capacity() - socket.send_queue() < REPLY_MAX {
             break;
         }
-        let mut complete = false;
-        // Bounded: each pass consumes bytes or stops.
-        for _ in 0..8 {
-            let Ok((taken, done)) = socket.recv(|data| {
-                let (taken, done) = line.feed(data);
-                (taken, (taken, done))
-            }) else {
-                break;
-            };
-            if done {
-                complete = true;
-                break;
-            }
-            if taken == 0 {
-                break;
-            }
-        }
-        if !complete {
+        if !recv_line(socket, line, 8) {
             break;
         }
         let mut reply = [0u8; REPLY_MAX];
@@ -552,6 +535,27 @@ fn serve_counter(socket: &mut tcp::Socket, line: &mut LineAssembler, total: &mut
         let _ = socket.send_slice(&reply[..n]);
     }
     close_when_drained(socket);
+}
+
+/// Feeds received bytes into `line` until it holds a whole line (true) or
+/// the socket has nothing more for now (false). Bounded: at most `passes`
+/// reads, each of which consumes bytes or stops.
+fn recv_line(socket: &mut tcp::Socket, line: &mut LineAssembler, passes: usize) -> bool {
+    for _ in 0..passes {
+        let Ok((taken, done)) = socket.recv(|data| {
+            let (taken, done) = line.feed(data);
+            (taken, (taken, done))
+        }) else {
+            return false;
+        };
+        if done {
+            return true;
+        }
+        if taken == 0 {
+            return false;
+        }
+    }
+    false
 }
 
 /// Drops everything received. Returns the bytes dropped.
@@ -586,24 +590,7 @@ fn serve_source(socket: &mut tcp::Socket, state: &mut SourceState) -> u64 {
         return 0;
     }
     if let SourceState::Request(line) = state {
-        let mut complete = false;
-        // Bounded: each pass consumes bytes or stops.
-        for _ in 0..4 {
-            let Ok((taken, done)) = socket.recv(|data| {
-                let (taken, done) = line.feed(data);
-                (taken, (taken, done))
-            }) else {
-                break;
-            };
-            if done {
-                complete = true;
-                break;
-            }
-            if taken == 0 {
-                break;
-            }
-        }
-        if !complete {
+        if !recv_line(socket, line, 4) {
             if socket.state() == tcp::State::CloseWait {
                 // The peer closed without a whole request.
                 socket.close();
