@@ -18,6 +18,8 @@ pub enum Command {
     Net,
     /// Print the disk workload's progress.
     Disk,
+    /// `dirty <n>`: set the memory-dirtying rate to n pages per second.
+    DirtyRate(u64),
     /// Anything else.
     Unknown,
 }
@@ -35,9 +37,24 @@ impl Command {
             b"panic" => Self::Panic,
             b"net" => Self::Net,
             b"disk" => Self::Disk,
-            _ => Self::Unknown,
+            _ => match line.strip_prefix(b"dirty ").and_then(parse_u64) {
+                Some(rate) => Self::DirtyRate(rate),
+                None => Self::Unknown,
+            },
         })
     }
+}
+
+/// A decimal number of 1 to 19 digits (so it cannot overflow).
+fn parse_u64(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(
+        digits
+            .iter()
+            .fold(0u64, |n, d| n * 10 + u64::from(d - b'0')),
+    )
 }
 
 /// Assembles bytes into lines ending in `\n` or `\r`.
@@ -127,6 +144,21 @@ mod tests {
         assert_eq!(Command::parse(b"disk"), Some(Command::Disk));
         assert_eq!(Command::parse(b"Poweroff"), Some(Command::Unknown));
         assert_eq!(Command::parse(b"counter x"), Some(Command::Unknown));
+        assert_eq!(Command::parse(b"dirty 0"), Some(Command::DirtyRate(0)));
+        assert_eq!(
+            Command::parse(b" dirty 25000 "),
+            Some(Command::DirtyRate(25000))
+        );
+        for bad in [
+            &b"dirty"[..],
+            b"dirty ",
+            b"dirty x",
+            b"dirty -1",
+            b"dirty 1x",
+            b"dirty 99999999999999999999",
+        ] {
+            assert_eq!(Command::parse(bad), Some(Command::Unknown), "{bad:?}");
+        }
         assert_eq!(Command::parse(b""), None);
         assert_eq!(Command::parse(b"  "), None);
     }

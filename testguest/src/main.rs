@@ -147,6 +147,10 @@ fn run(config: &Config, mut workload: Workload, mut machine: Machine) -> ! {
                     Some(Command::Panic) => panic!("panic requested on the serial port"),
                     Some(Command::Net) => machine.report_net(),
                     Some(Command::Disk) => machine.report_disk(),
+                    Some(Command::DirtyRate(rate)) => {
+                        workload.set_rate(rate);
+                        report::dirty_rate(&mut Serial, rate);
+                    }
                     Some(Command::Unknown) => report::unknown_command(&mut Serial, line.bytes),
                 }
             }

@@ -47,6 +47,13 @@ pub fn ips(out: &mut impl Sink, ips: u64) {
     out.put(b'\n');
 }
 
+/// `dirty_rate=<n>`: the answer to a `dirty <n>` command.
+pub fn dirty_rate(out: &mut impl Sink, rate: u64) {
+    out.put_str("dirty_rate=");
+    out.put_u64(rate);
+    out.put(b'\n');
+}
+
 /// `unknown command: <line>` (non-printable bytes shown as `?`).
 pub fn unknown_command(out: &mut impl Sink, line: &[u8]) {
     out.put_str("unknown command: ");

@@ -80,6 +80,11 @@ impl Workload {
         }
     }
 
+    /// Changes the rate to `pages_per_second` from the next tick on.
+    pub fn set_rate(&mut self, pages_per_second: u64) {
+        self.rate = RateSplitter::new(pages_per_second);
+    }
+
     /// The work area.
     pub fn area(&self) -> Region {
         self.area
