@@ -51,6 +51,30 @@ pub enum MsgType {
     Heartbeat,
     /// Orderly end of the link.
     Goodbye,
+    /// Migration: the source's request (session, channels, VM shape, flags).
+    MigBegin,
+    /// Migration: the destination is ready for pages.
+    MigReady,
+    /// Migration: first message on an extra page channel (session, index).
+    MigJoin,
+    /// Migration: a batch of pages (addresses, zero flags, contents).
+    MigPages,
+    /// Migration: a pre-copy round ended (progress only).
+    MigRoundEnd,
+    /// Migration: no more pages on this channel.
+    MigChannelEnd,
+    /// Migration: the VM state (and the source's digest in verify mode).
+    MigState,
+    /// Migration: the destination loaded the state.
+    MigLoaded,
+    /// Migration: the source released its taps and disks.
+    MigHandover,
+    /// Migration: the guest runs on the destination.
+    MigResumed,
+    /// Migration: the sender gives up; payload is the reason (UTF-8).
+    MigAbort,
+    /// Migration: the source's report of the completed migration.
+    MigSummary,
     /// A type this build does not know.
     Unknown(u16),
 }
@@ -65,6 +89,18 @@ impl MsgType {
             MsgType::Refuse => 0x0004,
             MsgType::Heartbeat => 0x0005,
             MsgType::Goodbye => 0x0006,
+            MsgType::MigBegin => 0x0101,
+            MsgType::MigReady => 0x0102,
+            MsgType::MigJoin => 0x0103,
+            MsgType::MigPages => 0x0104,
+            MsgType::MigRoundEnd => 0x0105,
+            MsgType::MigChannelEnd => 0x0106,
+            MsgType::MigState => 0x0107,
+            MsgType::MigLoaded => 0x0108,
+            MsgType::MigHandover => 0x0109,
+            MsgType::MigResumed => 0x010a,
+            MsgType::MigAbort => 0x010b,
+            MsgType::MigSummary => 0x010c,
             MsgType::Unknown(v) => v,
         }
     }
@@ -78,6 +114,18 @@ impl MsgType {
             0x0004 => MsgType::Refuse,
             0x0005 => MsgType::Heartbeat,
             0x0006 => MsgType::Goodbye,
+            0x0101 => MsgType::MigBegin,
+            0x0102 => MsgType::MigReady,
+            0x0103 => MsgType::MigJoin,
+            0x0104 => MsgType::MigPages,
+            0x0105 => MsgType::MigRoundEnd,
+            0x0106 => MsgType::MigChannelEnd,
+            0x0107 => MsgType::MigState,
+            0x0108 => MsgType::MigLoaded,
+            0x0109 => MsgType::MigHandover,
+            0x010a => MsgType::MigResumed,
+            0x010b => MsgType::MigAbort,
+            0x010c => MsgType::MigSummary,
             other => MsgType::Unknown(other),
         }
     }

@@ -1,0 +1,566 @@
+//! The receiving side of a live migration.
+
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vmm::{StateDigest, Vm, VmId};
+
+use super::wire::{self, PAGE_SIZE, Pages};
+use super::{Error, Params, Phase, ProgressHandle, Report, link_err, ms, vm_err};
+use crate::frame::{Frame, MsgType};
+use crate::handshake::{self, HandshakeConfig, Peer, Role};
+use crate::link::{Link, LinkConfig};
+
+/// How long the destination waits for the source's summary after the
+/// guest runs.
+const SUMMARY_WAIT: Duration = Duration::from_secs(2);
+
+/// Binds the address an incoming migration will arrive on.
+pub fn listen(addr: &str) -> Result<TcpListener, Error> {
+    TcpListener::bind(addr).map_err(|source| Error::Listen {
+        addr: addr.to_string(),
+        source,
+    })
+}
+
+/// Pages and bytes received, shared by the channel threads.
+#[derive(Default)]
+struct Counters {
+    pages: AtomicU64,
+    zero: AtomicU64,
+    bytes: AtomicU64,
+}
+
+fn link_config(params: &Params) -> LinkConfig {
+    LinkConfig {
+        read_timeout: Some(params.io_timeout),
+        write_timeout: Some(params.io_timeout),
+        ..LinkConfig::default()
+    }
+}
+
+fn protocol(e: wire::WireError) -> Error {
+    Error::Protocol(e.to_string())
+}
+
+/// Waits on `listener` for a migration source, receives the VM into `vm`
+/// (built with [`Vm::new_incoming`], paused, back ends not attached) and
+/// starts it.
+///
+/// A peer that fails the handshake (wrong key, version or role) or asks
+/// for a VM of another shape is refused and logged, and the wait goes on:
+/// nothing of the VM has changed. Once a migration has begun, any failure
+/// returns an error and the VM has not run; on success the guest runs here
+/// with the source's identity, or stays paused if it was paused there.
+pub fn incoming(
+    vm: &Vm,
+    listener: &TcpListener,
+    params: &Params,
+    progress: &ProgressHandle,
+) -> Result<Report, Error> {
+    let (mut control, peer, begin) = wait_for_source(vm, listener, params, progress)?;
+    let started = Instant::now();
+    let result = receive(
+        vm,
+        listener,
+        params,
+        progress,
+        &mut control,
+        &peer,
+        &begin,
+        started,
+    );
+    match result {
+        Ok(report) => {
+            progress.update(|p| {
+                p.phase = Phase::Completed;
+                p.elapsed_ms = ms(started.elapsed());
+                p.report = Some(report.clone());
+            });
+            Ok(report)
+        }
+        Err(e) => {
+            let text = crate::error_text(&e);
+            // The source learns why (if it still listens) and keeps its VM.
+            let _ = control.send(MsgType::MigAbort, &wire::encode_abort(&text));
+            progress.update(|p| {
+                p.phase = Phase::Failed;
+                p.elapsed_ms = ms(started.elapsed());
+                p.error = Some(text);
+            });
+            Err(e)
+        }
+    }
+}
+
+fn handshake_config(vm: &Vm, params: &Params, expect: Option<[u8; 16]>) -> HandshakeConfig {
+    let mut hs = HandshakeConfig::new(Role::Destination, vm.identity().0);
+    hs.expect_peer_vm = expect;
+    hs.auth_key = params.auth_key.clone();
+    hs.timeout = params.connect_timeout;
+    hs
+}
+
+/// Accepts connections until one is a source that passes the handshake
+/// and asks for a VM of this shape.
+fn wait_for_source(
+    vm: &Vm,
+    listener: &TcpListener,
+    params: &Params,
+    progress: &ProgressHandle,
+) -> Result<(Link, Peer, wire::Begin), Error> {
+    loop {
+        let (stream, addr) = match listener.accept() {
+            Ok(v) => v,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(source) => {
+                return Err(Error::Listen {
+                    addr: listener
+                        .local_addr()
+                        .map(|a| a.to_string())
+                        .unwrap_or_default(),
+                    source,
+                });
+            }
+        };
+        match greet(vm, stream, params) {
+            Ok((link, peer, begin)) => {
+                progress.update(|p| {
+                    p.peer = addr.to_string();
+                    p.phase = Phase::Precopy;
+                    p.channels = begin.channels;
+                });
+                tracing::info!(
+                    peer = %addr,
+                    channels = begin.channels,
+                    identity = %VmId(peer.vm_id),
+                    "incoming migration started"
+                );
+                return Ok((link, peer, begin));
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "refused a migration connection from {addr}: {}",
+                    crate::error_text(&e)
+                );
+            }
+        }
+    }
+}
+
+/// Handshake and `MigBegin` on a new connection.
+fn greet(vm: &Vm, stream: TcpStream, params: &Params) -> Result<(Link, Peer, wire::Begin), Error> {
+    let mut link = Link::from_stream(stream, link_config(params)).map_err(link_err("setup"))?;
+    let peer = handshake::server(&mut link, &handshake_config(vm, params, None))
+        .map_err(Error::Handshake)?;
+    // A source that passed the handshake answers quickly.
+    link.set_timeouts(Some(params.connect_timeout), Some(params.connect_timeout))
+        .map_err(link_err("setup"))?;
+    let f = link.recv().map_err(link_err("setup"))?;
+    if f.msg_type() != MsgType::MigBegin {
+        return Err(Error::Protocol(format!(
+            "expected MigBegin, got {:?}",
+            f.msg_type()
+        )));
+    }
+    let begin = wire::Begin::decode(&f.payload).map_err(protocol)?;
+    let here = vm.fingerprint();
+    if let Err(e) = vmm::snapshot::check_fingerprint(&begin.fingerprint, &here) {
+        let text = e.to_string();
+        let _ = link.send(MsgType::MigAbort, &wire::encode_abort(&text));
+        return Err(Error::Mismatch(text));
+    }
+    let cfg = link_config(params);
+    link.set_timeouts(cfg.read_timeout, cfg.write_timeout)
+        .map_err(link_err("setup"))?;
+    Ok((link, peer, begin))
+}
+
+/// Accepts the extra channels of `begin`'s session within the connect
+/// timeout. Connections that fail the handshake or name another session
+/// are refused and do not count.
+fn accept_channels(
+    vm: &Vm,
+    listener: &TcpListener,
+    params: &Params,
+    peer: &Peer,
+    begin: &wire::Begin,
+) -> Result<Vec<Link>, Error> {
+    let want = usize::from(begin.channels) - 1;
+    let mut links: Vec<Option<Link>> = (0..want).map(|_| None).collect();
+    let deadline = Instant::now() + params.connect_timeout;
+    let mut joined = 0;
+    while joined < want {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || !wait_readable(listener, left) {
+            return Err(Error::Protocol(format!(
+                "only {joined} of {want} extra channels connected within {:?}",
+                params.connect_timeout
+            )));
+        }
+        let (stream, addr) = match listener.accept() {
+            Ok(v) => v,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(source) => {
+                return Err(Error::Listen {
+                    addr: String::new(),
+                    source,
+                });
+            }
+        };
+        let join = || -> Result<(Link, wire::Join), Error> {
+            let mut link = Link::from_stream(stream, link_config(params))
+                .map_err(link_err("channel setup"))?;
+            handshake::server(&mut link, &handshake_config(vm, params, Some(peer.vm_id)))
+                .map_err(Error::Handshake)?;
+            let f = link.recv().map_err(link_err("channel setup"))?;
+            if f.msg_type() != MsgType::MigJoin {
+                return Err(Error::Protocol(format!(
+                    "expected MigJoin, got {:?}",
+                    f.msg_type()
+                )));
+            }
+            Ok((link, wire::Join::decode(&f.payload).map_err(protocol)?))
+        };
+        match join() {
+            Ok((link, j)) if j.session == begin.session => {
+                let slot = usize::from(j.index)
+                    .checked_sub(1)
+                    .and_then(|i| links.get_mut(i))
+                    .filter(|s| s.is_none());
+                match slot {
+                    Some(slot) => {
+                        *slot = Some(link);
+                        joined += 1;
+                    }
+                    None => {
+                        return Err(Error::Protocol(format!(
+                            "channel index {} is invalid or joined twice",
+                            j.index
+                        )));
+                    }
+                }
+            }
+            Ok(_) => tracing::warn!("refused a migration channel from {addr}: another session"),
+            Err(e) => tracing::warn!(
+                "refused a migration channel from {addr}: {}",
+                crate::error_text(&e)
+            ),
+        }
+    }
+    Ok(links.into_iter().flatten().collect())
+}
+
+/// Waits until `listener` has a connection to accept, for at most `limit`.
+fn wait_readable(listener: &TcpListener, limit: Duration) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let timeout = i32::try_from(limit.as_millis()).unwrap_or(i32::MAX).max(1);
+    // SAFETY: one valid pollfd, count 1; poll writes only its revents.
+    let n = unsafe { libc::poll(&mut pfd, 1, timeout) };
+    n > 0
+}
+
+/// Writes one `MigPages` payload into guest memory. Returns the pages.
+fn apply_pages(vm: &Vm, frame: &Frame, counters: &Counters) -> Result<(), Error> {
+    static ZERO: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+    let mem = vm.memory();
+    let pages = Pages::decode(&frame.payload).map_err(protocol)?;
+    for p in pages.iter() {
+        let addr = GuestAddress(p.gpa);
+        // Pages are page-aligned and RAM regions too: a page whose start is
+        // in RAM lies wholly in one region.
+        if !mem.address_in_range(addr) {
+            return Err(Error::Protocol(format!(
+                "page {:#x} is outside guest RAM",
+                p.gpa
+            )));
+        }
+        let write = |data: &[u8]| {
+            mem.write_slice(data, addr)
+                .map_err(|e| Error::Protocol(format!("cannot write page {:#x}: {e}", p.gpa)))
+        };
+        match p.data {
+            Some(data) => {
+                write(data)?;
+                counters.pages.fetch_add(1, Ordering::Relaxed);
+            }
+            None => {
+                // Only write zeros over a page that is not zero already, so
+                // untouched pages stay unallocated.
+                let mut cur = [0u8; PAGE_SIZE];
+                mem.read_slice(&mut cur, addr)
+                    .map_err(|e| Error::Protocol(format!("cannot read page {:#x}: {e}", p.gpa)))?;
+                if !wire::is_zero(&cur) {
+                    write(&ZERO)?;
+                }
+                counters.zero.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    counters.bytes.fetch_add(
+        frame.payload.len() as u64 + crate::frame::HEADER_LEN as u64,
+        Ordering::Relaxed,
+    );
+    super::maybe_die(
+        super::die_after_pages(),
+        counters.pages.load(Ordering::Relaxed) + counters.zero.load(Ordering::Relaxed),
+    );
+    Ok(())
+}
+
+/// Receives pages on an extra channel until its `MigChannelEnd`.
+fn receive_channel(vm: &Vm, link: &mut Link, counters: &Counters) -> Result<(), Error> {
+    loop {
+        let f = link.recv().map_err(link_err("page transfer"))?;
+        match f.msg_type() {
+            MsgType::MigPages => apply_pages(vm, &f, counters)?,
+            MsgType::MigChannelEnd => {
+                wire::decode_u64s::<1>("MigChannelEnd", &f.payload).map_err(protocol)?;
+                return Ok(());
+            }
+            MsgType::MigAbort => return Err(Error::PeerAborted(wire::decode_abort(&f.payload))),
+            other => {
+                return Err(Error::Protocol(format!(
+                    "unexpected {other:?} on a page channel"
+                )));
+            }
+        }
+    }
+}
+
+/// Everything after the source's `MigBegin`.
+#[allow(clippy::too_many_arguments)]
+fn receive(
+    vm: &Vm,
+    listener: &TcpListener,
+    params: &Params,
+    progress: &ProgressHandle,
+    control: &mut Link,
+    peer: &Peer,
+    begin: &wire::Begin,
+    started: Instant,
+) -> Result<Report, Error> {
+    // The RAM holds what building the VM put there (the kernel); the
+    // source sends only pages that may be non-zero.
+    vm.discard_ram().map_err(vm_err("clear guest RAM"))?;
+    control
+        .send(MsgType::MigReady, &[])
+        .map_err(link_err("setup"))?;
+    let mut extra = accept_channels(vm, listener, params, peer, begin)?;
+    let counters = Counters::default();
+    // Streams to shut down so that every thread stops when one fails.
+    let mut streams = Vec::new();
+    for l in std::iter::once(&*control).chain(extra.iter()) {
+        streams.push(l.stream().try_clone().map_err(|e| Error::Thread(e))?);
+    }
+    let shutdown_all = || {
+        for s in &streams {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    };
+
+    let (state_frame, transfer) = std::thread::scope(|s| {
+        let mut handles = Vec::new();
+        for (i, link) in extra.iter_mut().enumerate() {
+            let counters = &counters;
+            let shutdown_all = &shutdown_all;
+            let h = std::thread::Builder::new()
+                .name(format!("migrate-rx{}", i + 1))
+                .spawn_scoped(s, move || {
+                    let r = receive_channel(vm, link, counters);
+                    if r.is_err() {
+                        shutdown_all();
+                    }
+                    r
+                })
+                .map_err(Error::Thread);
+            handles.push(h);
+        }
+        let control_result = receive_control(vm, control, &counters, progress, started);
+        if control_result.is_err() || handles.iter().any(|h| h.is_err()) {
+            shutdown_all();
+        }
+        let mut channel_result = Ok(());
+        for h in handles {
+            let r = match h {
+                Ok(h) => h
+                    .join()
+                    .unwrap_or_else(|_| Err(Error::Protocol("a channel thread panicked".into()))),
+                Err(e) => Err(e),
+            };
+            if channel_result.is_ok() {
+                channel_result = r;
+            }
+        }
+        // A failing channel shuts the control link down: its error is the
+        // cause, the control channel's the consequence.
+        let (frame, end_at) = match (control_result, channel_result) {
+            (Ok(v), Ok(())) => v,
+            (_, Err(e)) | (Err(e), Ok(())) => return Err(e),
+        };
+        Ok((frame, end_at.elapsed()))
+    })?;
+
+    // Every page is here; now the state.
+    progress.update(|p| p.phase = Phase::Switchover);
+    let msg = wire::StateMsg::decode(&state_frame.payload).map_err(protocol)?;
+    let verify = begin.flags & wire::BEGIN_VERIFY != 0;
+    if verify != msg.digest.is_some() {
+        return Err(Error::Protocol(
+            "the digest does not match the verify flag".into(),
+        ));
+    }
+    let t = Instant::now();
+    vm.load_state_bytes(msg.state, Some(VmId(peer.vm_id)))
+        .map_err(|e| Error::Mismatch(crate::error_text(&e)))?;
+    vm.set_identity(VmId(peer.vm_id));
+    let load = t.elapsed();
+    let digest = match msg.digest {
+        Some(bytes) => {
+            let theirs: StateDigest = postcard::from_bytes(bytes)
+                .map_err(|e| Error::Protocol(format!("bad digest: {e}")))?;
+            let mine = vm.digest().map_err(vm_err("compute the digest"))?;
+            if let Some(diff) = mine.first_difference(&theirs) {
+                return Err(Error::DigestMismatch(format!(
+                    "{diff:?} (source {}, destination {})",
+                    theirs.hex(),
+                    mine.hex()
+                )));
+            }
+            tracing::info!(digest = %mine.hex(), "migration digest matches the source's");
+            Some(mine.hex())
+        }
+        None => None,
+    };
+    control
+        .send(
+            MsgType::MigLoaded,
+            &wire::encode_u64s(&[transfer.as_micros() as u64, load.as_micros() as u64]),
+        )
+        .map_err(link_err("switchover"))?;
+
+    let f = control.recv().map_err(link_err("handover"))?;
+    match f.msg_type() {
+        MsgType::MigHandover => wire::decode_empty("MigHandover", &f.payload).map_err(protocol)?,
+        MsgType::MigAbort => return Err(Error::PeerAborted(wire::decode_abort(&f.payload))),
+        other => {
+            return Err(Error::Protocol(format!(
+                "expected MigHandover, got {other:?}"
+            )));
+        }
+    }
+    progress.update(|p| p.phase = Phase::Handover);
+    let t = Instant::now();
+    vm.attach_backends()
+        .map_err(vm_err("attach the taps and disks"))?;
+    let attach = t.elapsed();
+    let t = Instant::now();
+    if begin.flags & wire::BEGIN_RUNNING != 0 {
+        if let Err(e) = vm.resume() {
+            let _ = vm.release_backends();
+            return Err(vm_err("resume the VM")(e));
+        }
+    }
+    let resume = t.elapsed();
+    if let Err(e) = control.send(
+        MsgType::MigResumed,
+        &wire::encode_u64s(&[attach.as_micros() as u64, resume.as_micros() as u64]),
+    ) {
+        // The guest runs here now; the source stays paused without an answer.
+        tracing::warn!("could not confirm the migration to the source: {e}");
+    }
+    let (pages, zero, bytes) = (
+        counters.pages.load(Ordering::Relaxed),
+        counters.zero.load(Ordering::Relaxed),
+        counters.bytes.load(Ordering::Relaxed),
+    );
+    let mut report = Report {
+        total_ms: ms(started.elapsed()),
+        channels: begin.channels,
+        pages_sent: pages,
+        zero_pages: zero,
+        bytes_sent: bytes,
+        digest: digest.clone(),
+        ..Report::default()
+    };
+    report.split.state_transfer_ms = ms(transfer);
+    report.split.state_load_ms = ms(load);
+    report.split.handover_ms = ms(attach);
+    report.split.resume_ms = ms(resume);
+    // The source's view (downtime, rounds, its part of the split) comes in
+    // its summary.
+    let _ = control.set_timeouts(Some(SUMMARY_WAIT), Some(SUMMARY_WAIT));
+    match control.recv() {
+        Ok(f) if f.msg_type() == MsgType::MigSummary => match wire::decode_summary(&f.payload) {
+            Ok(summary) => {
+                report = Report {
+                    digest: report.digest.or(summary.digest.clone()),
+                    ..summary
+                }
+            }
+            Err(e) => tracing::warn!("ignoring the source's migration summary: {e}"),
+        },
+        Ok(f) => tracing::debug!("no migration summary: got {:?}", f.msg_type()),
+        Err(e) => tracing::debug!("no migration summary: {e}"),
+    }
+    Ok(report)
+}
+
+/// Receives the control channel's pages and messages until the state
+/// arrives. Returns the state frame and when the channel's pages ended.
+fn receive_control(
+    vm: &Vm,
+    control: &mut Link,
+    counters: &Counters,
+    progress: &ProgressHandle,
+    started: Instant,
+) -> Result<(Frame, Instant), Error> {
+    let mut ended: Option<Instant> = None;
+    loop {
+        let f = control.recv().map_err(link_err("page transfer"))?;
+        match f.msg_type() {
+            MsgType::MigPages if ended.is_none() => apply_pages(vm, &f, counters)?,
+            MsgType::MigRoundEnd => {
+                let r = wire::RoundEnd::decode(&f.payload).map_err(protocol)?;
+                let (pages, zero, bytes) = (
+                    counters.pages.load(Ordering::Relaxed),
+                    counters.zero.load(Ordering::Relaxed),
+                    counters.bytes.load(Ordering::Relaxed),
+                );
+                progress.update(|p| {
+                    p.round = r.round;
+                    p.remaining_dirty_pages = r.dirty;
+                    p.pages = pages;
+                    p.zero_pages = zero;
+                    p.bytes = bytes;
+                    p.elapsed_ms = ms(started.elapsed());
+                });
+            }
+            MsgType::MigChannelEnd if ended.is_none() => {
+                wire::decode_u64s::<1>("MigChannelEnd", &f.payload).map_err(protocol)?;
+                ended = Some(Instant::now());
+            }
+            MsgType::MigState => match ended {
+                Some(at) => return Ok((f, at)),
+                None => {
+                    return Err(Error::Protocol(
+                        "the state arrived before the last pages".into(),
+                    ));
+                }
+            },
+            MsgType::MigAbort => return Err(Error::PeerAborted(wire::decode_abort(&f.payload))),
+            other => {
+                return Err(Error::Protocol(format!(
+                    "unexpected {other:?} during the page transfer"
+                )));
+            }
+        }
+    }
+}
