@@ -234,13 +234,21 @@ pub fn channel_of(gpa: u64, channels: u16) -> u16 {
     ((gpa / PAGE_SIZE as u64 / STRIPE_PAGES) % u64::from(channels.max(1))) as u16
 }
 
-/// Builds `MigPages` payloads: [`Self::push`] pages, then [`Self::finish`].
-/// The buffer is reused from batch to batch.
+/// Builds `MigPages` payloads: [`Self::next_page`] and [`Self::commit`]
+/// pages, then [`Self::finish`]. Page contents go straight into the
+/// payload buffer, after room kept for the largest entry table; `finish`
+/// writes the count and entries just before the contents, so the payload
+/// is never copied. The buffer is reused from batch to batch.
 pub struct PagesBuilder {
     entries: Vec<u64>,
-    data: Vec<u8>,
-    out: Vec<u8>,
+    /// `HEAD` bytes of room, then the contents of the pages with data.
+    buf: Vec<u8>,
+    /// The last finished batch is still in `buf`.
+    finished: bool,
 }
+
+/// Room for the count and the largest entry table.
+const HEAD: usize = 4 + 8 * MAX_BATCH;
 
 impl Default for PagesBuilder {
     fn default() -> Self {
@@ -250,10 +258,12 @@ impl Default for PagesBuilder {
 
 impl PagesBuilder {
     pub fn new() -> Self {
+        let mut buf = Vec::with_capacity(HEAD + MAX_BATCH * PAGE_SIZE);
+        buf.resize(HEAD, 0);
         PagesBuilder {
             entries: Vec::with_capacity(MAX_BATCH),
-            data: Vec::with_capacity(MAX_BATCH * PAGE_SIZE),
-            out: Vec::with_capacity(4 + MAX_BATCH * (8 + PAGE_SIZE)),
+            buf,
+            finished: false,
         }
     }
 
@@ -274,19 +284,23 @@ impl PagesBuilder {
     /// Room for the next page's contents: the caller fills it, then calls
     /// [`Self::commit`] with the page's address.
     pub fn next_page(&mut self) -> &mut [u8] {
-        let start = self.data.len();
-        self.data.resize(start + PAGE_SIZE, 0);
-        &mut self.data[start..]
+        if self.finished {
+            self.buf.truncate(HEAD);
+            self.finished = false;
+        }
+        let start = self.buf.len();
+        self.buf.resize(start + PAGE_SIZE, 0);
+        &mut self.buf[start..]
     }
 
     /// Adds the page written into [`Self::next_page`] at `gpa`; if it is all
     /// zeros, it becomes a zero entry (or, with `skip_zero`, is dropped) and
     /// its data is not sent. Returns whether the page was zero.
     pub fn commit(&mut self, gpa: u64, skip_zero: bool) -> bool {
-        let start = self.data.len() - PAGE_SIZE;
-        let zero = is_zero(&self.data[start..]);
+        let start = self.buf.len() - PAGE_SIZE;
+        let zero = is_zero(&self.buf[start..]);
         if zero {
-            self.data.truncate(start);
+            self.buf.truncate(start);
             if !skip_zero {
                 self.entries.push(gpa | ENTRY_ZERO);
             }
@@ -296,18 +310,21 @@ impl PagesBuilder {
         zero
     }
 
-    /// The payload of the batch; the builder is empty afterwards.
+    /// The payload of the batch; the builder is empty afterwards (the
+    /// slice stays valid until the next call).
     pub fn finish(&mut self) -> &[u8] {
-        self.out.clear();
-        self.out
-            .extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
-        for e in &self.entries {
-            self.out.extend_from_slice(&e.to_le_bytes());
+        let n = self.entries.len();
+        let start = HEAD - 4 - 8 * n;
+        let data_end = self.buf.len();
+        self.buf[start..start + 4].copy_from_slice(&(n as u32).to_le_bytes());
+        for (i, e) in self.entries.iter().enumerate() {
+            let at = start + 4 + 8 * i;
+            self.buf[at..at + 8].copy_from_slice(&e.to_le_bytes());
         }
-        self.out.extend_from_slice(&self.data);
         self.entries.clear();
-        self.data.clear();
-        &self.out
+        // The next page starts a new batch behind the head room.
+        self.finished = true;
+        &self.buf[start..data_end]
     }
 }
 
@@ -602,6 +619,15 @@ mod tests {
             got,
             vec![(0x1000, Some(0xab)), (0x2000, None), (0x4000, Some(1))]
         );
+        // The builder starts the next batch afresh.
+        pb.next_page().fill(7);
+        pb.commit(0x9000, true);
+        let second = pb.finish().to_vec();
+        assert_eq!(second.len(), 4 + 8 + PAGE_SIZE);
+        let pages = Pages::decode(&second).unwrap();
+        let got: Vec<u64> = pages.iter().map(|p| p.gpa).collect();
+        assert_eq!(got, vec![0x9000]);
+        assert!(Pages::decode(pb.finish()).unwrap().is_empty());
     }
 
     #[test]
