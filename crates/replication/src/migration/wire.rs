@@ -313,6 +313,9 @@ impl PagesBuilder {
     /// The payload of the batch; the builder is empty afterwards (the
     /// slice stays valid until the next call).
     pub fn finish(&mut self) -> &[u8] {
+        if self.finished {
+            self.buf.truncate(HEAD);
+        }
         let n = self.entries.len();
         let start = HEAD - 4 - 8 * n;
         let data_end = self.buf.len();
