@@ -6,9 +6,14 @@ pub mod arch;
 pub mod devices;
 pub mod memory;
 pub mod snapshot;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod vcpu;
 pub mod vm;
+#[cfg(test)]
+mod vm_tests;
 
+pub use devices::virtio::{Backend, Backends};
 pub use snapshot::VmId;
 pub use vm::{Console, DeviceStates, Error, MachineState, Vm, VmState, run};
 
@@ -71,6 +76,8 @@ pub enum VmExit {
     PowerOff,
     /// The guest asked for a reset (reboot).
     Reset,
+    /// The VM was migrated: it lives on elsewhere ([`Vm::end_migrated`]).
+    Migrated,
 }
 
 /// Something that ends the VM, reported by a vCPU or a device.
@@ -80,6 +87,8 @@ pub enum VmEvent {
     PowerOff,
     /// The guest asked for a reset.
     Reset,
+    /// The VM was migrated and lives on elsewhere.
+    Migrated,
     /// The guest reported a panic.
     GuestPanic,
     /// The guest stopped in a way it cannot continue from.

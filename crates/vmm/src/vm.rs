@@ -18,13 +18,13 @@ use crate::devices::legacy::{
     I8042, I8042_BASE, I8042_LEN, SERIAL_IRQ, SERIAL_PORT_BASE, SERIAL_PORT_LEN, SYSCTL_PORT,
     SerialDevice, SerialSnapshot, SerialStateError, SystemControl,
 };
-use crate::devices::virtio::{self, MmioTransport, VirtioDevice, VirtioState};
+use crate::devices::virtio::{self, Backends, MmioTransport, VirtioDevice, VirtioState};
 use crate::devices::{Bus, BusError, lock};
 use crate::memory::{DirtyBitmap, GuestMemoryMmap, GuestRam, MMIO_HOLE_START, MemoryError};
 use crate::snapshot::dir::SnapshotError;
 use crate::snapshot::{ConfigFingerprint, Expected, FormatError, VmId};
 use crate::vcpu::{Vcpu, VcpuCommand, VcpuError, VcpuHandle, VcpuReply, VcpuRequest, VcpuState};
-use crate::{KernelSource, VmConfig, VmEvent, VmExit};
+use crate::{DiskConfig, KernelSource, NetConfig, VmConfig, VmEvent, VmExit};
 
 /// Where KVM's real-mode TSS goes (three pages just below the IOAPIC area).
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
@@ -140,6 +140,20 @@ pub enum Error {
     /// A vCPU thread answered out of turn (internal error).
     #[error("unexpected vCPU reply {0}")]
     UnexpectedReply(String),
+    /// A device lacks its back end, so the VM may not run.
+    #[error(
+        "the VM's device back ends are not attached (e.g. during an incoming migration): attach them before starting or resuming it"
+    )]
+    BackendsDetached,
+    /// A disk could not be synced before its back end was released.
+    #[error("cannot sync the back end of virtio device {device}")]
+    BackendSync {
+        /// The device.
+        device: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// All event senders are gone (internal error).
     #[error("the VM's event channel closed unexpectedly")]
     EventsClosed,
@@ -227,6 +241,12 @@ pub struct Vm {
     virtio: Vec<Arc<Mutex<MmioTransport>>>,
     serial: Arc<Mutex<SerialDevice>>,
     identity: Mutex<VmId>,
+    /// The configurations the devices' back ends are opened from.
+    net: Vec<NetConfig>,
+    disks: Vec<DiskConfig>,
+    /// Held across pause, resume and back-end changes, so that none of
+    /// them sees the other half done.
+    control: Mutex<()>,
     events_tx: Sender<VmEvent>,
     events: Mutex<Receiver<VmEvent>>,
     vm_fd: VmFd,
@@ -238,6 +258,25 @@ impl Vm {
     /// Builds the VM: KVM objects, RAM, devices, the loaded kernel and
     /// vCPUs set to boot. Nothing runs until [`Vm::start`].
     pub fn new(config: &VmConfig, console: Console) -> Result<Vm, Error> {
+        Self::build(config, console, Backends::Open)
+    }
+
+    /// Builds the VM exactly like [`Vm::new`], but opens no tap and no disk
+    /// image: tap names are checked, disk images must exist and be regular
+    /// files or block devices, and each disk's capacity comes from its
+    /// image's size, read without opening it for writing or locking it.
+    /// The devices have no back end until [`Vm::attach_backends`]; until
+    /// then the VM refuses to start ([`Error::BackendsDetached`]).
+    ///
+    /// This is the destination of a migration: on the same host, its
+    /// source still holds the taps (single-queue: one user at a time) and
+    /// the images (locked) until it releases them
+    /// ([`Vm::release_backends`]).
+    pub fn new_incoming(config: &VmConfig, console: Console) -> Result<Vm, Error> {
+        Self::build(config, console, Backends::Deferred)
+    }
+
+    fn build(config: &VmConfig, console: Console, backends: Backends) -> Result<Vm, Error> {
         if config.vcpus == 0 {
             return Err(Error::NoCpus);
         }
@@ -251,7 +290,7 @@ impl Vm {
         }
         // Taps and disk images first: bad configuration is reported before
         // anything is built.
-        let devices = virtio::open_devices(&config.net, &config.disks)?;
+        let devices = virtio::open_devices(&config.net, &config.disks, backends)?;
         let identity = VmId::random().map_err(Error::Identity)?;
         let kvm = open_kvm()?;
         for (cap, name) in [
@@ -384,6 +423,9 @@ impl Vm {
             virtio,
             serial,
             identity: Mutex::new(identity),
+            net: config.net.clone(),
+            disks: config.disks.clone(),
+            control: Mutex::new(()),
             events_tx,
             events: Mutex::new(events),
             vm_fd,
@@ -582,8 +624,14 @@ impl Vm {
         Ok(())
     }
 
-    /// Starts (or resumes) every vCPU and device worker thread.
+    /// Starts (or resumes) every vCPU and device worker thread. Refused,
+    /// with nothing started, while a device lacks its back end
+    /// ([`Error::BackendsDetached`]).
     pub fn resume(&self) -> Result<(), Error> {
+        let _control = lock(&self.control);
+        if !self.backends_attached() {
+            return Err(Error::BackendsDetached);
+        }
         for d in &self.virtio {
             lock(d).resume();
         }
@@ -600,6 +648,7 @@ impl Vm {
     /// Freezes every vCPU and device worker thread; returns once none of
     /// them runs guest code or writes guest memory.
     pub fn pause(&self) -> Result<(), Error> {
+        let _control = lock(&self.control);
         self.command_all(VcpuCommand::Pause)?;
         // Device workers stop too: nothing changes guest memory (a frame
         // arriving waits in its back end) until resume.
@@ -610,9 +659,83 @@ impl Vm {
         Ok(())
     }
 
+    /// Whether every virtio device has its back end (its tap or disk
+    /// image).
+    pub fn backends_attached(&self) -> bool {
+        self.virtio.iter().all(|d| lock(d).has_backend())
+    }
+
+    /// Opens the back end of every device that lacks one — attaches to its
+    /// tap, opens and locks its disk image — from the VM's configuration,
+    /// and gives it to the device. The VM must be paused. All or nothing:
+    /// if one cannot be opened (e.g. [`virtio::Error::TapBusy`],
+    /// [`virtio::Error::DiskLocked`] while another VM still holds it) or
+    /// does not fit (a disk image whose size differs from the disk's
+    /// capacity), the back ends this call attached are released again and
+    /// the error returned. Devices that have their back end keep it.
+    pub fn attach_backends(&self) -> Result<(), Error> {
+        let _control = lock(&self.control);
+        if !self.is_paused() {
+            return Err(Error::NotPaused);
+        }
+        let configs = virtio::device_configs(&self.net, &self.disks);
+        let mut attached: Vec<&Arc<Mutex<MmioTransport>>> = Vec::new();
+        for (device, config) in self.virtio.iter().zip(configs) {
+            if lock(device).has_backend() {
+                continue;
+            }
+            let result = config
+                .open_backend()
+                .and_then(|backend| lock(device).set_backend(backend));
+            if let Err(e) = result {
+                for device in attached {
+                    drop(lock(device).take_backend());
+                }
+                return Err(e.into());
+            }
+            attached.push(device);
+        }
+        Ok(())
+    }
+
+    /// Syncs every disk, then drops every device's back end: taps are
+    /// closed and disk images unlocked, so that another process (the
+    /// destination of a migration) can open them. The VM must be paused,
+    /// and cannot run again until [`Vm::attach_backends`]. If a disk cannot
+    /// be synced, nothing is released and the error returned. Releasing
+    /// what is released already does nothing.
+    ///
+    /// A frame a network device took from its tap but could not deliver
+    /// yet stays in the device (and in its state).
+    pub fn release_backends(&self) -> Result<(), Error> {
+        let _control = lock(&self.control);
+        if !self.is_paused() {
+            return Err(Error::NotPaused);
+        }
+        for d in &self.virtio {
+            let mut d = lock(d);
+            d.sync_backend().map_err(|source| Error::BackendSync {
+                device: d.name().to_string(),
+                source,
+            })?;
+        }
+        for d in &self.virtio {
+            drop(lock(d).take_backend());
+        }
+        Ok(())
+    }
+
     /// The pages written since the last call (by the guest or the VMM).
     pub fn take_dirty(&self) -> Result<DirtyBitmap, Error> {
         Ok(self.ram.take_dirty(&self.vm_fd)?)
+    }
+
+    /// Ends the VM as migrated: [`Vm::wait`] returns
+    /// [`VmExit::Migrated`]. For the source of a migration, once the guest
+    /// lives on at the destination.
+    pub fn end_migrated(&self) {
+        // The receiver lives in `self`: the send cannot fail.
+        let _ = self.events_tx.send(VmEvent::Migrated);
     }
 
     /// Guest memory.
@@ -642,8 +765,9 @@ impl Vm {
         &self.virtio
     }
 
-    /// Waits until the guest ends or fails; stops every vCPU and device
-    /// worker thread. The VM cannot run again afterwards.
+    /// Waits until the guest ends or fails, or the VM is ended as migrated
+    /// ([`Vm::end_migrated`]); stops every vCPU and device worker thread.
+    /// The VM cannot run again afterwards.
     pub fn wait(&self) -> Result<VmExit, Error> {
         let event = lock(&self.events).recv().map_err(|_| Error::EventsClosed)?;
         for v in lock(&self.vcpus).iter_mut() {
@@ -655,6 +779,7 @@ impl Vm {
         match event {
             VmEvent::PowerOff => Ok(VmExit::PowerOff),
             VmEvent::Reset => Ok(VmExit::Reset),
+            VmEvent::Migrated => Ok(VmExit::Migrated),
             VmEvent::GuestPanic => Err(Error::GuestPanic),
             VmEvent::Crash(msg) => Err(Error::GuestCrash(msg)),
         }

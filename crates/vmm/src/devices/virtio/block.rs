@@ -23,7 +23,9 @@ use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::queue::{self, Chain};
 use super::worker::{QueueHandler, Worker};
-use super::{ActivateError, Activation, Error, F_VERSION_1, TYPE_BLOCK, VirtioDevice, WarnLimit};
+use super::{
+    ActivateError, Activation, Backend, Error, F_VERSION_1, TYPE_BLOCK, VirtioDevice, WarnLimit,
+};
 use crate::DiskConfig;
 use crate::memory::GuestMemoryMmap;
 
@@ -87,25 +89,10 @@ impl RawFile {
         let meta = file
             .metadata()
             .map_err(|source| Error::DiskOpen { path: p(), source })?;
-        let kind = meta.file_type();
-        if !kind.is_file() && !kind.is_block_device() {
-            return Err(Error::DiskNotAFile { path: p() });
-        }
-        // Root may write a file nobody may write; a file without any write
-        // permission is taken as meant to be read-only.
-        if !readonly && kind.is_file() && meta.permissions().readonly() {
-            return Err(Error::DiskNotWritable { path: p() });
-        }
-        let size = if kind.is_block_device() {
+        let size = checked_size(path, &meta, readonly, || {
             let mut f = &file;
             std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0))
-                .map_err(|source| Error::DiskOpen { path: p(), source })?
-        } else {
-            meta.len()
-        };
-        if size < SECTOR_SIZE {
-            return Err(Error::DiskTooSmall { path: p(), size });
-        }
+        })?;
         let op = if readonly {
             libc::LOCK_SH
         } else {
@@ -125,6 +112,56 @@ impl RawFile {
         }
         Ok(RawFile { file, size })
     }
+
+    /// The size of the image at `path`, with the checks [`Self::open`]
+    /// makes, but without opening it for writing and without locking it
+    /// (another process may hold it): a regular file's size comes from its
+    /// metadata, a block device is opened read-only to read its size.
+    pub fn probe(path: &Path, readonly: bool) -> Result<u64, Error> {
+        let p = || path.to_path_buf();
+        let meta = std::fs::metadata(path).map_err(|source| match source.kind() {
+            ErrorKind::NotFound => Error::DiskMissing { path: p() },
+            _ => Error::DiskOpen { path: p(), source },
+        })?;
+        checked_size(path, &meta, readonly, || {
+            let file = OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_CLOEXEC)
+                .open(path)?;
+            let mut f = &file;
+            std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0))
+        })
+    }
+}
+
+/// Checks that the image at `path`, of metadata `meta`, is a regular file
+/// or a block device, writable unless `readonly`, and at least a sector
+/// long; returns its size (`block_size` reads a block device's).
+fn checked_size(
+    path: &Path,
+    meta: &std::fs::Metadata,
+    readonly: bool,
+    block_size: impl FnOnce() -> std::io::Result<u64>,
+) -> Result<u64, Error> {
+    let p = || path.to_path_buf();
+    let kind = meta.file_type();
+    if !kind.is_file() && !kind.is_block_device() {
+        return Err(Error::DiskNotAFile { path: p() });
+    }
+    // Root may write a file nobody may write; a file without any write
+    // permission is taken as meant to be read-only.
+    if !readonly && kind.is_file() && meta.permissions().readonly() {
+        return Err(Error::DiskNotWritable { path: p() });
+    }
+    let size = if kind.is_block_device() {
+        block_size().map_err(|source| Error::DiskOpen { path: p(), source })?
+    } else {
+        meta.len()
+    };
+    if size < SECTOR_SIZE {
+        return Err(Error::DiskTooSmall { path: p(), size });
+    }
+    Ok(size)
 }
 
 impl BlockBackend for RawFile {
@@ -160,6 +197,12 @@ impl Block {
     /// A device named `name` (for messages) on `backend`, whose ID (up to
     /// 20 bytes, longer ones cut) is `id`.
     pub fn new(name: String, backend: Box<dyn BlockBackend>, readonly: bool, id: &[u8]) -> Self {
+        let mut block = Block::without_backend(name, backend.size() / SECTOR_SIZE, readonly, id);
+        block.backend = Some(backend);
+        block
+    }
+
+    fn without_backend(name: String, capacity: u64, readonly: bool, id: &[u8]) -> Self {
         let mut id_bytes = [0u8; ID_LEN];
         let n = id.len().min(ID_LEN);
         id_bytes[..n].copy_from_slice(&id[..n]);
@@ -167,8 +210,8 @@ impl Block {
             name,
             readonly,
             id: id_bytes,
-            capacity: backend.size() / SECTOR_SIZE,
-            backend: Some(backend),
+            capacity,
+            backend: None,
             worker: None,
         }
     }
@@ -176,23 +219,46 @@ impl Block {
     /// Disk `index` as configured: its image opened, its serial checked or
     /// chosen (`twinvm-disk<index>`).
     pub fn with_file(index: usize, config: &DiskConfig) -> Result<Self, Error> {
-        let serial = match &config.serial {
-            Some(s) if s.len() > ID_LEN => {
-                return Err(Error::DiskSerial {
-                    path: config.path.clone(),
-                    serial: s.clone(),
-                });
-            }
-            Some(s) => s.clone(),
-            None => format!("twinvm-disk{index}"),
-        };
+        let serial = Self::serial(index, config)?;
         let file = RawFile::open(&config.path, config.readonly)?;
         Ok(Block::new(
-            format!("disk{index} ({})", config.path.display()),
+            Self::config_name(index, config),
             Box::new(file),
             config.readonly,
             serial.as_bytes(),
         ))
+    }
+
+    /// Disk `index` as configured, without its back end: its serial
+    /// checked or chosen, its image checked and its size read
+    /// ([`RawFile::probe`]: not opened for writing, not locked). The
+    /// capacity comes from that size; [`VirtioDevice::set_backend`] later
+    /// takes only a back end of that size.
+    pub fn detached(index: usize, config: &DiskConfig) -> Result<Self, Error> {
+        let serial = Self::serial(index, config)?;
+        let size = RawFile::probe(&config.path, config.readonly)?;
+        Ok(Block::without_backend(
+            Self::config_name(index, config),
+            size / SECTOR_SIZE,
+            config.readonly,
+            serial.as_bytes(),
+        ))
+    }
+
+    fn config_name(index: usize, config: &DiskConfig) -> String {
+        format!("disk{index} ({})", config.path.display())
+    }
+
+    /// The configured serial, checked, or `twinvm-disk<index>`.
+    fn serial(index: usize, config: &DiskConfig) -> Result<String, Error> {
+        match &config.serial {
+            Some(s) if s.len() > ID_LEN => Err(Error::DiskSerial {
+                path: config.path.clone(),
+                serial: s.clone(),
+            }),
+            Some(s) => Ok(s.clone()),
+            None => Ok(format!("twinvm-disk{index}")),
+        }
     }
 
     /// Capacity in sectors.
@@ -273,11 +339,52 @@ impl VirtioDevice for Block {
     fn sync_backend(&mut self) -> std::io::Result<()> {
         match &mut self.backend {
             Some(backend) => backend.flush(),
-            // Running (the worker has it) or lost with a failed worker.
-            None => Err(std::io::Error::other(
-                "the disk's back end is in use by its worker or was lost",
+            None if self.worker.is_some() => Err(std::io::Error::other(
+                "the disk's back end is in use by its running worker",
             )),
+            // Released (nothing of it is open any more) or lost with a
+            // failed worker: nothing to sync.
+            None => Ok(()),
         }
+    }
+
+    fn has_backend(&self) -> bool {
+        self.backend.is_some() || self.worker.is_some()
+    }
+
+    fn take_backend(&mut self) -> Option<Backend> {
+        if self.worker.is_some() {
+            return None;
+        }
+        self.backend.take().map(Backend::Block)
+    }
+
+    fn set_backend(&mut self, backend: Backend) -> Result<(), String> {
+        if self.worker.is_some() {
+            return Err("the device is running".into());
+        }
+        if self.backend.is_some() {
+            return Err("the device already has its back end".into());
+        }
+        let backend = match backend {
+            Backend::Block(b) => b,
+            other => {
+                return Err(format!(
+                    "a disk takes a disk back end, not a {}",
+                    other.kind()
+                ));
+            }
+        };
+        let size = backend.size();
+        if size / SECTOR_SIZE != self.capacity {
+            return Err(format!(
+                "its image now holds {size} bytes ({} sectors), but the disk has {} sectors: the image changed size",
+                size / SECTOR_SIZE,
+                self.capacity
+            ));
+        }
+        self.backend = Some(backend);
+        Ok(())
     }
 }
 
@@ -900,5 +1007,116 @@ mod tests {
         )
         .unwrap();
         assert_eq!(&b.id[..12], b"twinvm-disk3");
+    }
+
+    #[test]
+    fn a_detached_disk_reads_its_size_without_opening_or_locking_the_image() {
+        let img = image();
+        let config = DiskConfig {
+            path: img.as_path().to_path_buf(),
+            readonly: false,
+            serial: None,
+        };
+        // Another user holds the image, locked for writing.
+        let holder = RawFile::open(img.as_path(), false).unwrap();
+        let mut b = Block::detached(1, &config).unwrap();
+        assert_eq!(b.capacity(), 128);
+        assert!(!b.has_backend());
+        assert_eq!(&b.id[..12], b"twinvm-disk1");
+        assert_eq!(b.name(), format!("disk1 ({})", img.as_path().display()));
+        // Nothing to sync without a back end.
+        b.sync_backend().unwrap();
+        assert!(b.take_backend().is_none());
+        assert!(matches!(
+            RawFile::open(img.as_path(), false),
+            Err(Error::DiskLocked { .. })
+        ));
+        drop(holder);
+
+        let err = b
+            .set_backend(Backend::Net(Box::new(
+                crate::devices::virtio::net::tests::MockBackend::new(),
+            )))
+            .unwrap_err();
+        assert!(err.contains("takes a disk back end"), "{err}");
+        // An image of another size than the disk's capacity is refused.
+        let other = TempFile::new().unwrap();
+        other.as_file().write_all(&[0; 32768]).unwrap();
+        let err = b
+            .set_backend(Backend::Block(Box::new(
+                RawFile::open(other.as_path(), false).unwrap(),
+            )))
+            .unwrap_err();
+        assert!(
+            err.contains("32768 bytes (64 sectors)")
+                && err.contains("128 sectors")
+                && err.contains("changed size"),
+            "{err}"
+        );
+        assert!(!b.has_backend());
+
+        b.set_backend(Backend::Block(Box::new(
+            RawFile::open(img.as_path(), false).unwrap(),
+        )))
+        .unwrap();
+        assert!(b.has_backend());
+        b.sync_backend().unwrap();
+        let err = b
+            .set_backend(Backend::Block(Box::new(
+                RawFile::open(other.as_path(), true).unwrap(),
+            )))
+            .unwrap_err();
+        assert!(err.contains("already has its back end"), "{err}");
+        // Taken and dropped, the image is free again.
+        let taken = b.take_backend();
+        assert!(matches!(taken, Some(Backend::Block(_))));
+        assert!(RawFile::open(img.as_path(), false).is_err());
+        drop(taken);
+        assert!(RawFile::open(img.as_path(), false).is_ok());
+    }
+
+    #[test]
+    fn a_detached_disk_is_checked_like_an_opened_one() {
+        let cfg = |path: &Path, readonly| DiskConfig {
+            path: path.to_path_buf(),
+            readonly,
+            serial: None,
+        };
+        let err = Block::detached(0, &cfg(Path::new("/nonexistent/tv.img"), false))
+            .err()
+            .unwrap()
+            .to_string();
+        assert_eq!(err, "disk /nonexistent/tv.img does not exist");
+        let err = Block::detached(0, &cfg(&std::env::temp_dir(), true))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("not a regular file"), "{err}");
+        let small = TempFile::new().unwrap();
+        small.as_file().write_all(&[0; 100]).unwrap();
+        let err = Block::detached(0, &cfg(small.as_path(), false))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("less than one 512-byte sector"), "{err}");
+        let img = image();
+        let long = DiskConfig {
+            serial: Some("x".repeat(21)),
+            ..cfg(img.as_path(), false)
+        };
+        let err = Block::detached(0, &long).err().unwrap().to_string();
+        assert!(err.contains("serial"), "{err}");
+        let mut perms = img.as_file().metadata().unwrap().permissions();
+        perms.set_mode(0o444);
+        std::fs::set_permissions(img.as_path(), perms).unwrap();
+        assert!(matches!(
+            Block::detached(0, &cfg(img.as_path(), false)),
+            Err(Error::DiskNotWritable { .. })
+        ));
+        let ro = Block::detached(0, &cfg(img.as_path(), true)).unwrap();
+        assert_eq!(
+            ro.avail_features() & (1 << VIRTIO_BLK_F_RO),
+            1 << VIRTIO_BLK_F_RO
+        );
     }
 }

@@ -16,61 +16,8 @@ use super::testutil::{F_NEXT, F_WRITE, TestQueue, driver_start, wait_for};
 use super::{F_VERSION_1, INT_VRING, cmdline_word};
 use crate::arch::x86_64::layout::CMDLINE_START;
 use crate::devices::{BusDevice, lock};
+use crate::testing::{elf, kvm_available};
 use crate::{Console, DiskConfig, KernelSource, Vm, VmConfig, VmEvent, VmExit};
-
-/// Whether KVM tests run: `/dev/kvm` usable, or skipped on purpose with
-/// `TWINVM_TESTS_SKIP_KVM=1`; otherwise the test fails loudly.
-fn kvm_available() -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) if std::env::var("TWINVM_TESTS_SKIP_KVM").as_deref() == Ok("1") => {
-            eprintln!("SKIPPED: /dev/kvm is not usable: {e}");
-            false
-        }
-        Err(e) => panic!("/dev/kvm is not usable: {e}; set TWINVM_TESTS_SKIP_KVM=1 to skip"),
-    }
-}
-
-/// An x86_64 ELF executable whose only segment, `code`, is loaded and
-/// entered at 1 MiB.
-fn elf(code: &[u8]) -> Vec<u8> {
-    const LOAD: u64 = 0x10_0000;
-    const CODE_OFFSET: usize = 0x1000;
-    let mut f = Vec::new();
-    f.extend_from_slice(b"\x7fELF\x02\x01\x01\0");
-    f.resize(16, 0);
-    f.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    f.extend_from_slice(&0x3eu16.to_le_bytes()); // EM_X86_64
-    f.extend_from_slice(&1u32.to_le_bytes());
-    f.extend_from_slice(&LOAD.to_le_bytes()); // e_entry
-    f.extend_from_slice(&64u64.to_le_bytes()); // e_phoff
-    f.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
-    f.extend_from_slice(&0u32.to_le_bytes()); // e_flags
-    for v in [64u16, 56, 1, 64, 0, 0] {
-        // e_ehsize, e_phentsize, e_phnum, e_shentsize, e_shnum, e_shstrndx
-        f.extend_from_slice(&v.to_le_bytes());
-    }
-    f.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-    f.extend_from_slice(&5u32.to_le_bytes()); // R X
-    for v in [
-        CODE_OFFSET as u64,
-        LOAD,
-        LOAD,
-        code.len() as u64,
-        code.len() as u64,
-        0x1000,
-    ] {
-        // p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, p_align
-        f.extend_from_slice(&v.to_le_bytes());
-    }
-    f.resize(CODE_OFFSET, 0);
-    f.extend_from_slice(code);
-    f
-}
 
 /// Guest code: notify queue 0 of the first virtio device with a 32-bit
 /// write, then spin.

@@ -18,7 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::queue::QueueState;
 use super::{
-    ActivateError, Activation, Error, F_VERSION_1, Interrupt, StateError, VirtioDevice,
+    ActivateError, Activation, Backend, Error, F_VERSION_1, Interrupt, StateError, VirtioDevice,
     VirtioState, WarnLimit, read_config,
 };
 use crate::devices::BusDevice;
@@ -264,6 +264,36 @@ impl MmioTransport {
     /// image). The device should be paused.
     pub fn sync_backend(&mut self) -> std::io::Result<()> {
         self.device.sync_backend()
+    }
+
+    /// Whether the device has its back end.
+    pub fn has_backend(&self) -> bool {
+        self.device.has_backend()
+    }
+
+    /// Takes the device's back end away (closing a tap or releasing an
+    /// image's lock is then up to the caller, by dropping it). Only while
+    /// the worker is stopped (the VM paused): `None` while it runs, or if
+    /// the device has none.
+    pub fn take_backend(&mut self) -> Option<Backend> {
+        if self.running {
+            return None;
+        }
+        self.device.take_backend()
+    }
+
+    /// Gives the device a back end, which it must lack. Only while the
+    /// worker is stopped (the VM paused).
+    pub fn set_backend(&mut self, backend: Backend) -> Result<(), Error> {
+        let result = if self.running {
+            Err("the device is running (pause the VM first)".to_string())
+        } else {
+            self.device.set_backend(backend)
+        };
+        result.map_err(|why| Error::Backend {
+            device: self.device.name().to_string(),
+            why,
+        })
     }
 
     /// Stops the worker thread (if it runs) and takes the queues back; the

@@ -225,6 +225,15 @@ pub enum Error {
         /// Devices asked for.
         count: usize,
     },
+    /// A back end does not fit its device (a disk image that changed
+    /// size), or the device cannot take one now.
+    #[error("cannot attach the back end of virtio device {device}: {why}")]
+    Backend {
+        /// The device.
+        device: String,
+        /// What is wrong.
+        why: String,
+    },
     /// Eventfds for a device could not be created.
     #[error("cannot create eventfds for virtio device {device}")]
     EventFd {
@@ -251,8 +260,11 @@ pub enum ActivateError {
     /// The worker thread or its epoll set could not be created.
     #[error("cannot start the device's worker thread")]
     Worker(#[source] std::io::Error),
-    /// An earlier worker thread failed and took the back end with it.
-    #[error("the device's back end was lost when its worker thread failed")]
+    /// The device has no back end: it was released (the VM migrates) or
+    /// an earlier worker thread failed and took it with it.
+    #[error(
+        "the device has no back end (it was released for a migration, or lost when its worker thread failed)"
+    )]
     BackendLost,
 }
 
@@ -375,10 +387,100 @@ pub trait VirtioDevice: Send {
     /// Called on an inactive device, after [`Self::reset`].
     fn load_device_state(&mut self, _state: &DeviceSpecific) {}
     /// Makes everything written to the back end durable (a disk image is
-    /// synced); called while the device is paused.
+    /// synced); called while the device is paused. A device without a back
+    /// end has nothing to sync.
     fn sync_backend(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+    /// Whether the device has its back end (held by the device, or by its
+    /// worker while it runs).
+    fn has_backend(&self) -> bool {
+        true
+    }
+    /// Takes the back end away from the device, which must not be active;
+    /// `None` if it has none (or is active). Work the device holds (a
+    /// received frame not yet delivered) stays with the device.
+    fn take_backend(&mut self) -> Option<Backend> {
+        None
+    }
+    /// Gives the device, which must not be active and must have no back
+    /// end, `backend`; returns what is wrong otherwise (the back end is
+    /// then dropped).
+    fn set_backend(&mut self, backend: Backend) -> Result<(), String> {
+        Err(format!(
+            "the device takes no back end, and was given a {}",
+            backend.kind()
+        ))
+    }
+}
+
+/// The back end of a virtio device, while it is detached from the device:
+/// what [`VirtioDevice::take_backend`] returns and
+/// [`VirtioDevice::set_backend`] takes.
+pub enum Backend {
+    /// A network card's: a tap, or the replication proxy.
+    Net(Box<dyn NetBackend>),
+    /// A disk's: an image file, or block replication.
+    Block(Box<dyn BlockBackend>),
+}
+
+impl Backend {
+    /// What kind of back end this is, for messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Backend::Net(_) => "network back end",
+            Backend::Block(_) => "disk back end",
+        }
+    }
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.kind())
+    }
+}
+
+/// Whether the devices of a new VM open their back ends at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backends {
+    /// Taps and disk images are opened (and disk images locked) while the
+    /// VM is built.
+    Open,
+    /// Nothing is opened: configurations are checked, the devices are built
+    /// without back ends, and [`crate::Vm::attach_backends`] opens them
+    /// later (the destination of a migration on the same host, whose
+    /// source still holds the taps and images).
+    Deferred,
+}
+
+/// The configuration of one virtio device, in guest order.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum DeviceConfig<'a> {
+    /// A network card.
+    Net(&'a crate::NetConfig),
+    /// A disk.
+    Disk(&'a crate::DiskConfig),
+}
+
+impl DeviceConfig<'_> {
+    /// Opens the device's back end: attaches to the tap, or opens and
+    /// locks the disk image.
+    pub(crate) fn open_backend(&self) -> Result<Backend, Error> {
+        Ok(match self {
+            DeviceConfig::Net(c) => Backend::Net(Box::new(Tap::open(&c.tap)?)),
+            DeviceConfig::Disk(c) => Backend::Block(Box::new(RawFile::open(&c.path, c.readonly)?)),
+        })
+    }
+}
+
+/// The device configurations in guest order: network devices, then disks.
+pub(crate) fn device_configs<'a>(
+    net: &'a [crate::NetConfig],
+    disks: &'a [crate::DiskConfig],
+) -> impl Iterator<Item = DeviceConfig<'a>> {
+    net.iter()
+        .map(DeviceConfig::Net)
+        .chain(disks.iter().map(DeviceConfig::Disk))
 }
 
 /// What a device holds beyond the transport's registers and queues.
@@ -494,12 +596,14 @@ impl WarnLimit {
     }
 }
 
-/// Opens the back ends of the configured network devices and disks, in
-/// guest order (network devices first). Nothing touches KVM or guest memory
-/// yet, so bad configuration is reported before the VM is built.
+/// Builds the configured network devices and disks, in guest order
+/// (network devices first), with their back ends opened or, with
+/// [`Backends::Deferred`], only checked. Nothing touches KVM or guest
+/// memory yet, so bad configuration is reported before the VM is built.
 pub fn open_devices(
     net: &[crate::NetConfig],
     disks: &[crate::DiskConfig],
+    backends: Backends,
 ) -> Result<Vec<Box<dyn VirtioDevice>>, Error> {
     let count = net.len() + disks.len();
     if count > MAX_DEVICES {
@@ -507,10 +611,16 @@ pub fn open_devices(
     }
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::with_capacity(count);
     for (i, config) in net.iter().enumerate() {
-        devices.push(Box::new(Net::with_tap(i, config)?));
+        devices.push(Box::new(match backends {
+            Backends::Open => Net::with_tap(i, config)?,
+            Backends::Deferred => Net::detached(i, config)?,
+        }));
     }
     for (i, config) in disks.iter().enumerate() {
-        devices.push(Box::new(Block::with_file(i, config)?));
+        devices.push(Box::new(match backends {
+            Backends::Open => Block::with_file(i, config)?,
+            Backends::Deferred => Block::detached(i, config)?,
+        }));
     }
     Ok(devices)
 }
@@ -755,7 +865,152 @@ mod tests {
             };
             MAX_DEVICES + 1
         ];
-        let err = open_devices(&[], &disks).err().unwrap();
+        let err = open_devices(&[], &disks, Backends::Open).err().unwrap();
         assert!(err.to_string().contains("too many virtio devices"), "{err}");
+    }
+
+    #[test]
+    fn a_back_end_moves_out_and_in_while_paused_and_a_held_frame_stays() {
+        use crate::devices::BusDevice;
+        use net::tests::MockBackend;
+        use testutil::{F_WRITE, TestQueue, driver_start, test_memory, wait_for};
+        use vm_memory::{Bytes, GuestAddress};
+
+        let mem = test_memory();
+        let a = MockBackend::new();
+        let mut t = MmioTransport::new(
+            Box::new(Net::new(
+                "net0".into(),
+                net::default_mac(0),
+                Box::new(a.clone()),
+            )),
+            mem.clone(),
+        )
+        .unwrap();
+        let rxq = TestQueue::at(&mem, 256, 0x10000);
+        let txq = TestQueue::at(&mem, 256, 0x20000);
+        driver_start(
+            &mut t,
+            F_VERSION_1 | 1 << 5 | 1 << 16,
+            &[(256, 0x10000), (256, 0x20000)],
+        );
+        // One receive buffer, two frames: the second waits in the device.
+        rxq.set_desc(0, 0x200000, 1526, F_WRITE, 0);
+        rxq.push_avail(0);
+        t.write(mmio::NOTIFY_OFFSET, &0u32.to_le_bytes());
+        a.inject(b"first");
+        a.inject(b"second, held");
+        assert!(wait_for(|| rxq.used_idx() == 1));
+        assert!(wait_for(|| a.inbox.lock().unwrap().is_empty()));
+
+        // While the worker runs, the back end stays where it is.
+        assert!(t.has_backend());
+        assert!(t.take_backend().is_none());
+        let err = t
+            .set_backend(Backend::Net(Box::new(MockBackend::new())))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("virtio device net0") && err.contains("running"),
+            "{err}"
+        );
+
+        t.pause();
+        let saved = t.state();
+        let taken = t.take_backend();
+        assert!(matches!(taken, Some(Backend::Net(_))));
+        assert!(!t.has_backend());
+        assert_eq!(t.state(), saved, "the held frame stays in the device");
+        drop(taken);
+
+        // Another back end; the held frame goes first, then the new back
+        // end's frames, and the guest's frames go to it.
+        let b = MockBackend::new();
+        t.set_backend(Backend::Net(Box::new(b.clone()))).unwrap();
+        assert!(t.has_backend());
+        t.resume();
+        assert!(t.is_running());
+        rxq.set_desc(1, 0x201000, 1526, F_WRITE, 0);
+        rxq.set_desc(2, 0x202000, 1526, F_WRITE, 0);
+        rxq.push_avail(1);
+        rxq.push_avail(2);
+        t.write(mmio::NOTIFY_OFFSET, &0u32.to_le_bytes());
+        b.inject(b"from the new back end");
+        assert!(wait_for(|| rxq.used_idx() == 3));
+        let mut got = [0u8; 12];
+        mem.read_slice(&mut got, GuestAddress(0x201000 + 12))
+            .unwrap();
+        assert_eq!(&got, b"second, held");
+        let mut got = [0u8; 21];
+        mem.read_slice(&mut got, GuestAddress(0x202000 + 12))
+            .unwrap();
+        assert_eq!(&got, b"from the new back end");
+        mem.write_slice(&[0u8; 12], GuestAddress(0x100000)).unwrap();
+        mem.write_slice(b"out", GuestAddress(0x10000c)).unwrap();
+        txq.set_desc(0, 0x100000, 15, 0, 0);
+        txq.push_avail(0);
+        t.write(mmio::NOTIFY_OFFSET, &1u32.to_le_bytes());
+        assert!(wait_for(|| b.sent.lock().unwrap().len() == 1));
+        assert!(a.sent.lock().unwrap().is_empty());
+        t.shutdown();
+    }
+
+    #[test]
+    fn a_device_without_a_back_end_does_not_start() {
+        use testutil::{TestQueue, driver_start, test_memory};
+
+        let mem = test_memory();
+        let config = crate::NetConfig {
+            tap: "tvnonexist0".into(),
+            mac: None,
+        };
+        let mut t =
+            MmioTransport::new(Box::new(Net::detached(0, &config).unwrap()), mem.clone()).unwrap();
+        assert!(!t.has_backend());
+        let _rxq = TestQueue::at(&mem, 256, 0x10000);
+        let _txq = TestQueue::at(&mem, 256, 0x20000);
+        driver_start(
+            &mut t,
+            F_VERSION_1 | 1 << 5 | 1 << 16,
+            &[(256, 0x10000), (256, 0x20000)],
+        );
+        // The driver sees a device that needs a reset, no worker runs.
+        assert!(!t.is_running());
+        assert_ne!(
+            t.state().status & virtio_bindings::virtio_config::VIRTIO_CONFIG_S_NEEDS_RESET,
+            0
+        );
+    }
+
+    #[test]
+    fn deferred_devices_open_nothing() {
+        let img = vmm_sys_util::tempfile::TempFile::new().unwrap();
+        img.as_file().set_len(4096).unwrap();
+        let disks = vec![crate::DiskConfig {
+            path: img.as_path().to_path_buf(),
+            readonly: false,
+            serial: None,
+        }];
+        let net = vec![crate::NetConfig {
+            tap: "tvnonexist0".into(),
+            mac: None,
+        }];
+        let devices = open_devices(&net, &disks, Backends::Deferred).unwrap();
+        assert_eq!(devices.len(), 2);
+        assert!(devices.iter().all(|d| !d.has_backend()));
+        // The image is not locked.
+        let _held = RawFile::open(img.as_path(), false).unwrap();
+        // The missing tap is found once back ends are opened.
+        let configs: Vec<_> = device_configs(&net, &disks).collect();
+        assert!(matches!(
+            configs[0].open_backend(),
+            Err(Error::TapMissing { .. })
+        ));
+        assert!(matches!(
+            configs[1].open_backend(),
+            Err(Error::DiskLocked { .. })
+        ));
+        let err = open_devices(&net, &disks, Backends::Open).err().unwrap();
+        assert!(matches!(err, Error::TapMissing { .. }), "{err}");
     }
 }

@@ -18,7 +18,8 @@ use vm_memory::GuestAddress;
 use super::queue::{self, Chain};
 use super::worker::{QueueHandler, Worker};
 use super::{
-    ActivateError, Activation, DeviceSpecific, F_VERSION_1, TYPE_NET, VirtioDevice, WarnLimit,
+    ActivateError, Activation, Backend, DeviceSpecific, F_VERSION_1, TYPE_NET, VirtioDevice,
+    WarnLimit,
 };
 use crate::NetConfig;
 use crate::memory::GuestMemoryMmap;
@@ -100,6 +101,16 @@ impl Net {
     /// Network device `index` as configured: its tap opened, its MAC
     /// checked or chosen.
     pub fn with_tap(index: usize, config: &NetConfig) -> Result<Self, super::Error> {
+        let mut net = Net::detached(index, config)?;
+        let tap = super::Tap::open(&config.tap)?;
+        net.backend = Some(Box::new(tap));
+        Ok(net)
+    }
+
+    /// Network device `index` as configured, without its back end: its
+    /// MAC checked or chosen, its tap's name checked but the tap not
+    /// opened ([`VirtioDevice::set_backend`] gives it one later).
+    pub fn detached(index: usize, config: &NetConfig) -> Result<Self, super::Error> {
         let mac = config.mac.unwrap_or_else(|| default_mac(index));
         let bad_mac = |why| super::Error::Mac {
             tap: config.tap.clone(),
@@ -112,12 +123,14 @@ impl Net {
         if mac == [0; 6] {
             return Err(bad_mac("it is all zeros"));
         }
-        let tap = super::Tap::open(&config.tap)?;
-        Ok(Net::new(
-            format!("net{index} (tap {})", config.tap),
+        super::tap::check_name(&config.tap)?;
+        Ok(Net {
+            name: format!("net{index} (tap {})", config.tap),
             mac,
-            Box::new(tap),
-        ))
+            backend: None,
+            pending: None,
+            worker: None,
+        })
     }
 
     /// The guest's MAC address.
@@ -216,6 +229,36 @@ impl VirtioDevice for Net {
     fn load_device_state(&mut self, state: &DeviceSpecific) {
         if let DeviceSpecific::Net { pending_rx } = state {
             self.pending.clone_from(pending_rx);
+        }
+    }
+
+    fn has_backend(&self) -> bool {
+        self.backend.is_some() || self.worker.is_some()
+    }
+
+    fn take_backend(&mut self) -> Option<Backend> {
+        if self.worker.is_some() {
+            return None;
+        }
+        self.backend.take().map(Backend::Net)
+    }
+
+    fn set_backend(&mut self, backend: Backend) -> Result<(), String> {
+        if self.worker.is_some() {
+            return Err("the device is running".into());
+        }
+        if self.backend.is_some() {
+            return Err("the device already has its back end".into());
+        }
+        match backend {
+            Backend::Net(b) => {
+                self.backend = Some(b);
+                Ok(())
+            }
+            other => Err(format!(
+                "a network device takes a network back end, not a {}",
+                other.kind()
+            )),
         }
     }
 }
@@ -772,6 +815,83 @@ pub(crate) mod tests {
                 err.contains("MAC") && err.contains("tap tvnonexist0"),
                 "{err}"
             );
+        }
+    }
+
+    /// A disk back end, to give a network device the wrong kind.
+    struct NoDisk;
+
+    impl crate::devices::virtio::BlockBackend for NoDisk {
+        fn size(&self) -> u64 {
+            512
+        }
+        fn read_at(&mut self, _: u64, _: &mut [u8]) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn write_at(&mut self, _: u64, _: &[u8]) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_detached_device_takes_one_network_back_end() {
+        // The tap does not exist: a detached device does not open it.
+        let config = NetConfig {
+            tap: "tvnonexist0".into(),
+            mac: None,
+        };
+        let mut net = Net::detached(2, &config).unwrap();
+        assert!(!net.has_backend());
+        assert_eq!(net.mac(), default_mac(2));
+        assert_eq!(net.name(), "net2 (tap tvnonexist0)");
+        assert!(net.take_backend().is_none());
+
+        let err = net
+            .set_backend(Backend::Block(Box::new(NoDisk)))
+            .unwrap_err();
+        assert!(err.contains("takes a network back end"), "{err}");
+        assert!(!net.has_backend());
+        net.set_backend(Backend::Net(Box::new(MockBackend::new())))
+            .unwrap();
+        assert!(net.has_backend());
+        let err = net
+            .set_backend(Backend::Net(Box::new(MockBackend::new())))
+            .unwrap_err();
+        assert!(err.contains("already has its back end"), "{err}");
+
+        // A held frame stays with the device when the back end goes.
+        let held = DeviceSpecific::Net {
+            pending_rx: Some(b"held".to_vec()),
+        };
+        net.load_device_state(&held);
+        assert!(matches!(net.take_backend(), Some(Backend::Net(_))));
+        assert!(!net.has_backend());
+        assert!(net.take_backend().is_none());
+        assert_eq!(net.device_state(), held);
+    }
+
+    #[test]
+    fn a_detached_device_checks_its_configuration() {
+        for (tap, mac, want) in [
+            ("a/b", None, "invalid tap device name"),
+            ("", None, "invalid tap device name"),
+            ("sixteen-chars-xx", None, "invalid tap device name"),
+            ("tap0", Some([1, 0, 0, 0, 0, 1]), "multicast"),
+        ] {
+            let err = Net::detached(
+                0,
+                &NetConfig {
+                    tap: tap.into(),
+                    mac,
+                },
+            )
+            .err()
+            .unwrap()
+            .to_string();
+            assert!(err.contains(want), "{err}");
         }
     }
 }

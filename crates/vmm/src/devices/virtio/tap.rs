@@ -24,8 +24,9 @@ pub struct Tap {
     name: String,
 }
 
-/// Checks that `name` can be a Linux interface name.
-fn check_name(name: &str) -> Result<(), Error> {
+/// Checks that `name` can be a Linux interface name: the checks
+/// [`Tap::open`] makes before it opens anything.
+pub(crate) fn check_name(name: &str) -> Result<(), Error> {
     let why = if name.is_empty() {
         "it is empty"
     } else if name.len() > MAX_NAME_LEN {
@@ -113,7 +114,7 @@ impl NetBackend for Tap {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::os::fd::FromRawFd;
 
@@ -139,7 +140,7 @@ mod tests {
 
     /// Creates (`persist` true) or deletes a persistent tap named `name` in
     /// this thread's network namespace.
-    fn set_persistent_tap(name: &str, persist: bool) -> std::io::Result<()> {
+    pub(crate) fn set_persistent_tap(name: &str, persist: bool) -> std::io::Result<()> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -169,7 +170,7 @@ mod tests {
     }
 
     /// Sets interface `name` up.
-    fn set_up(name: &str) -> std::io::Result<()> {
+    pub(crate) fn set_up(name: &str) -> std::io::Result<()> {
         // SAFETY: plain socket creation.
         let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
         if fd < 0 {

@@ -1,0 +1,266 @@
+//! The building blocks of migration, on real VMs under KVM: handing the
+//! devices' back ends from one VM to another, and ending a VM as migrated.
+//!
+//! The guest is a hand-made ELF image that spins ([`crate::testing`]).
+
+use std::path::{Path, PathBuf};
+
+use vmm_sys_util::tempdir::TempDir;
+
+use crate::devices::lock;
+use crate::devices::virtio::{self, RawFile};
+use crate::testing::{SPIN, config, kvm_available, quiet};
+use crate::vm::Error;
+use crate::{DiskConfig, NetConfig, Vm, VmEvent, VmExit};
+
+/// A 1 MiB disk image `name` in `dir`.
+fn image(dir: &TempDir, name: &str) -> PathBuf {
+    let path = dir.as_path().join(name);
+    let file = std::fs::File::create(&path).unwrap();
+    file.set_len(1 << 20).unwrap();
+    path
+}
+
+fn disk(path: &Path) -> DiskConfig {
+    DiskConfig {
+        path: path.to_path_buf(),
+        readonly: false,
+        serial: None,
+    }
+}
+
+fn power_off(vm: &Vm) {
+    vm.event_sender().send(VmEvent::PowerOff).unwrap();
+    assert_eq!(vm.wait().unwrap(), VmExit::PowerOff);
+}
+
+#[test]
+fn a_disk_moves_from_a_running_vm_to_an_incoming_one() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new().unwrap();
+    let path = image(&dir, "disk.img");
+    let cfg = config(SPIN, 64 << 20, Vec::new(), vec![disk(&path)]);
+    let a = Vm::new(&cfg, quiet()).unwrap();
+    a.start().unwrap();
+    assert!(a.backends_attached());
+
+    // The destination is built while the source holds the image.
+    let b = Vm::new_incoming(&cfg, quiet()).unwrap();
+    assert!(!b.backends_attached());
+    assert_eq!(
+        lock(&b.virtio_devices()[0]).state().config,
+        lock(&a.virtio_devices()[0]).state().config,
+        "same capacity"
+    );
+    let err = b.attach_backends().unwrap_err();
+    assert!(
+        matches!(err, Error::Virtio(virtio::Error::DiskLocked { .. })),
+        "{err}"
+    );
+    assert!(!b.backends_attached());
+    let err = b.resume().unwrap_err();
+    assert!(matches!(err, Error::BackendsDetached), "{err}");
+    assert!(
+        err.to_string().contains("back ends are not attached"),
+        "{err}"
+    );
+    assert!(b.is_paused());
+    assert!(b.start().is_err());
+
+    // A running VM keeps its back ends.
+    assert!(matches!(a.release_backends(), Err(Error::NotPaused)));
+    a.pause().unwrap();
+    a.release_backends().unwrap();
+    assert!(!a.backends_attached());
+    a.release_backends().unwrap();
+    assert!(matches!(a.resume(), Err(Error::BackendsDetached)));
+
+    b.attach_backends().unwrap();
+    assert!(b.backends_attached());
+    // Attached devices are left alone.
+    b.attach_backends().unwrap();
+    let err = a.attach_backends().unwrap_err();
+    assert!(
+        matches!(err, Error::Virtio(virtio::Error::DiskLocked { .. })),
+        "{err}"
+    );
+    assert!(!a.backends_attached());
+
+    b.start().unwrap();
+    assert!(matches!(b.attach_backends(), Err(Error::NotPaused)));
+    assert!(matches!(b.release_backends(), Err(Error::NotPaused)));
+
+    a.end_migrated();
+    assert_eq!(a.wait().unwrap(), VmExit::Migrated);
+    power_off(&b);
+}
+
+#[test]
+fn attaching_back_ends_is_all_or_nothing() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new().unwrap();
+    let first = image(&dir, "first.img");
+    let second = image(&dir, "second.img");
+    let cfg = config(
+        SPIN,
+        64 << 20,
+        Vec::new(),
+        vec![disk(&first), disk(&second)],
+    );
+    let vm = Vm::new_incoming(&cfg, quiet()).unwrap();
+
+    // The second image is held elsewhere: the first is released again.
+    let holder = RawFile::open(&second, false).unwrap();
+    let err = vm.attach_backends().unwrap_err();
+    match &err {
+        Error::Virtio(virtio::Error::DiskLocked { path, .. }) => assert_eq!(path, &second),
+        other => panic!("unexpected {other}"),
+    }
+    assert!(vm.virtio_devices().iter().all(|d| !lock(d).has_backend()));
+    drop(RawFile::open(&first, false).unwrap());
+    drop(holder);
+
+    // An image that changed size is refused; nothing stays attached.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&second)
+        .unwrap()
+        .set_len(2 << 20)
+        .unwrap();
+    let err = vm.attach_backends().unwrap_err();
+    assert!(
+        matches!(err, Error::Virtio(virtio::Error::Backend { .. })),
+        "{err}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("disk1") && msg.contains("changed size") && msg.contains("2048 sectors"),
+        "{msg}"
+    );
+    assert!(!vm.backends_attached());
+    drop(RawFile::open(&first, false).unwrap());
+
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&second)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    vm.attach_backends().unwrap();
+    assert!(vm.backends_attached());
+    assert!(RawFile::open(&first, false).is_err());
+    vm.release_backends().unwrap();
+    drop(RawFile::open(&first, false).unwrap());
+    drop(RawFile::open(&second, false).unwrap());
+}
+
+#[test]
+fn an_incoming_vm_checks_its_configuration_without_opening_anything() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new().unwrap();
+    let path = image(&dir, "disk.img");
+    let missing = dir.as_path().join("missing.img");
+    let err = Vm::new_incoming(
+        &config(SPIN, 64 << 20, Vec::new(), vec![disk(&missing)]),
+        quiet(),
+    )
+    .err()
+    .unwrap();
+    assert!(
+        matches!(err, Error::Virtio(virtio::Error::DiskMissing { .. })),
+        "{err}"
+    );
+    let bad_tap = vec![NetConfig {
+        tap: "no/such".into(),
+        mac: None,
+    }];
+    let err = Vm::new_incoming(&config(SPIN, 64 << 20, bad_tap, Vec::new()), quiet())
+        .err()
+        .unwrap();
+    assert!(
+        matches!(err, Error::Virtio(virtio::Error::TapName { .. })),
+        "{err}"
+    );
+    // A tap that does not exist (yet) is only looked for when attached.
+    let later_tap = vec![NetConfig {
+        tap: "tvnonexist0".into(),
+        mac: None,
+    }];
+    let vm = Vm::new_incoming(
+        &config(SPIN, 64 << 20, later_tap, vec![disk(&path)]),
+        quiet(),
+    )
+    .unwrap();
+    let err = vm.attach_backends().unwrap_err();
+    assert!(
+        matches!(err, Error::Virtio(virtio::Error::TapMissing { .. })),
+        "{err}"
+    );
+    assert!(!vm.backends_attached());
+}
+
+/// Runs in a network namespace of its own with a tap created there: VM
+/// A holds the tap, an incoming VM B gets it once A released it. Needs
+/// CAP_SYS_ADMIN and CAP_NET_ADMIN (root); skipped without them.
+#[test]
+fn a_tap_moves_from_one_vm_to_another_in_a_private_netns() {
+    use crate::devices::virtio::tap::tests::{set_persistent_tap, set_up};
+    if !kvm_available() {
+        return;
+    }
+    let outcome = std::thread::spawn(|| -> Result<(), String> {
+        // SAFETY: unshare(CLONE_NEWNET) only moves this thread into a new,
+        // empty network namespace.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            return Err(format!(
+                "cannot create a network namespace: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        if let Err(e) = set_persistent_tap("tvmig0", true) {
+            return Err(format!("cannot create a tap: {e}"));
+        }
+        set_up("tvmig0").unwrap();
+        let net = vec![NetConfig {
+            tap: "tvmig0".into(),
+            mac: None,
+        }];
+        let cfg = config(SPIN, 64 << 20, net, Vec::new());
+        let a = Vm::new(&cfg, quiet()).unwrap();
+        a.start().unwrap();
+        let b = Vm::new_incoming(&cfg, quiet()).unwrap();
+        let err = b.attach_backends().unwrap_err();
+        assert!(
+            matches!(err, Error::Virtio(virtio::Error::TapBusy { .. })),
+            "{err}"
+        );
+        assert!(matches!(b.start(), Err(Error::BackendsDetached)));
+        a.pause().unwrap();
+        a.release_backends().unwrap();
+        b.attach_backends().unwrap();
+        assert!(b.backends_attached());
+        let err = a.attach_backends().unwrap_err();
+        assert!(
+            matches!(err, Error::Virtio(virtio::Error::TapBusy { .. })),
+            "{err}"
+        );
+        b.start().unwrap();
+        a.end_migrated();
+        assert_eq!(a.wait().unwrap(), VmExit::Migrated);
+        power_off(&b);
+        drop(b);
+        set_persistent_tap("tvmig0", false).unwrap();
+        Ok(())
+    })
+    .join()
+    .unwrap();
+    if let Err(why) = outcome {
+        eprintln!("SKIPPED: {why}");
+    }
+}
