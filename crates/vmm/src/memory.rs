@@ -57,6 +57,22 @@ pub enum MemoryError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// A region is not private anonymous memory, so discarding its pages
+    /// would not leave zeros (a layout bug).
+    #[error("guest memory region at {addr:#x} is not private anonymous memory: cannot discard it")]
+    NotAnonymous {
+        /// The region's guest address.
+        addr: u64,
+    },
+    /// The host refused to discard pages.
+    #[error("cannot discard guest memory region at {addr:#x}")]
+    Discard {
+        /// The region's guest address.
+        addr: u64,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// KVM could not return a dirty log.
     #[error("cannot read KVM's dirty log of slot {slot}")]
     DirtyLog {
@@ -170,6 +186,19 @@ impl GuestRam {
         self.mem.iter().map(|r| r.len()).sum()
     }
 
+    /// Returns every page to the untouched state ([`discard`]). Nothing
+    /// may run in the guest or write guest memory meanwhile (the VM is
+    /// paused).
+    pub fn discard(&self) -> Result<(), MemoryError> {
+        discard(&self.mem)
+    }
+
+    /// The pages that may hold something other than zeros
+    /// ([`populated_pages`]).
+    pub fn populated_pages(&self) -> DirtyBitmap {
+        populated_pages(&self.mem)
+    }
+
     /// Returns the pages written since the previous call — by the guest
     /// (KVM's dirty log) or by the VMM (vm-memory's bitmap) — and starts a
     /// new tracking interval.
@@ -189,6 +218,141 @@ impl GuestRam {
         }
         Ok(DirtyBitmap { slots })
     }
+}
+
+/// Bit of a `/proc/<pid>/pagemap` entry: the page is in RAM.
+pub const PAGEMAP_PRESENT: u64 = 1 << 63;
+/// Bit of a `/proc/<pid>/pagemap` entry: the page is in swap.
+pub const PAGEMAP_SWAPPED: u64 = 1 << 62;
+/// Pagemap entries read at a time (512 KiB of entries, 256 MiB of RAM): a
+/// multiple of 64, so every read fills whole bitmap words.
+const PAGEMAP_BATCH: usize = 64 << 10;
+
+/// Turns pagemap entries, one per page, into bitmap words: bit `i % 64` of
+/// word `i / 64` is set if page `i` is present or swapped, i.e. has been
+/// populated and may hold something other than zeros. Bits past the last
+/// entry are clear.
+pub fn pagemap_words(entries: &[u64]) -> Vec<u64> {
+    entries
+        .chunks(64)
+        .map(|chunk| {
+            chunk
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| *e & (PAGEMAP_PRESENT | PAGEMAP_SWAPPED) != 0)
+                .fold(0u64, |word, (bit, _)| word | 1 << bit)
+        })
+        .collect()
+}
+
+/// Returns every page of `mem` to the untouched state: zeros, using no
+/// host memory. `madvise(MADV_DONTNEED)` over each whole region drops its
+/// pages; the regions are private anonymous mappings (vm-memory's
+/// `MmapRegion::new`, which [`GuestRam::new`] uses, maps them
+/// `MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE`; checked here), for which
+/// the next access of a dropped page finds a fresh zero-filled page. KVM
+/// follows through its MMU notifiers. The VMM-side dirty bitmap is cleared
+/// too (KVM's dirty log is left as it is).
+///
+/// Nothing may read or write `mem` meanwhile (the VM is paused): what is
+/// read during the call may be the old contents or zeros.
+pub fn discard(mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
+    let wanted = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+    for region in mem.iter() {
+        let addr = region.start_addr().raw_value();
+        if region.flags() & wanted != wanted || region.file_offset().is_some() {
+            return Err(MemoryError::NotAnonymous { addr });
+        }
+    }
+    for region in mem.iter() {
+        let addr = region.start_addr().raw_value();
+        // SAFETY: the range is exactly one live mapping owned by `mem` (its
+        // start and length as mapped). MADV_DONTNEED on private anonymous
+        // memory only replaces its contents with zeros: no Rust reference
+        // into guest memory exists (vm-memory reaches it through volatile
+        // copies), and the VM is paused, so no vCPU or device writes it
+        // meanwhile.
+        let ret =
+            unsafe { libc::madvise(region.as_ptr().cast(), region.size(), libc::MADV_DONTNEED) };
+        if ret != 0 {
+            return Err(MemoryError::Discard {
+                addr,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        vm_memory::MmapRegion::bitmap(region).reset();
+    }
+    Ok(())
+}
+
+/// Every page of `mem`, as a [`DirtyBitmap`].
+fn all_pages(mem: &GuestMemoryMmap) -> DirtyBitmap {
+    let slots = mem
+        .iter()
+        .map(|region| {
+            let pages = region.len() / PAGE_SIZE;
+            let mut words = vec![u64::MAX; pages.div_ceil(64) as usize];
+            if let Some(last) = words.last_mut()
+                && !pages.is_multiple_of(64)
+            {
+                *last = (1u64 << (pages % 64)) - 1;
+            }
+            (region.start_addr(), words)
+        })
+        .collect();
+    DirtyBitmap { slots }
+}
+
+/// The pages of `mem` that this process's page tables map or have in swap,
+/// read from `/proc/self/pagemap`.
+fn read_pagemap(mem: &GuestMemoryMmap) -> std::io::Result<DirtyBitmap> {
+    use std::os::unix::fs::FileExt;
+    let pagemap = std::fs::File::open("/proc/self/pagemap")?;
+    let mut buf = vec![0u8; PAGEMAP_BATCH * 8];
+    let mut entries = Vec::with_capacity(PAGEMAP_BATCH);
+    let mut slots = Vec::new();
+    for region in mem.iter() {
+        let first = region.as_ptr() as u64 / PAGE_SIZE;
+        let pages = region.len() / PAGE_SIZE;
+        let mut words = Vec::with_capacity(pages.div_ceil(64) as usize);
+        let mut done = 0u64;
+        while done < pages {
+            let n = (pages - done).min(PAGEMAP_BATCH as u64) as usize;
+            let bytes = &mut buf[..n * 8];
+            pagemap.read_exact_at(bytes, (first + done) * 8)?;
+            entries.clear();
+            entries.extend(
+                bytes
+                    .chunks_exact(8)
+                    .map(|e| u64::from_ne_bytes(e.try_into().unwrap_or_default())),
+            );
+            words.extend(pagemap_words(&entries));
+            done += n as u64;
+        }
+        slots.push((region.start_addr(), words));
+    }
+    Ok(DirtyBitmap { slots })
+}
+
+/// The pages of `mem` that may hold something other than zeros: those
+/// present in this process's page tables or in swap. A page never touched
+/// since it was mapped (or discarded, [`GuestRam::discard`]) reads as
+/// zeros and is not in the set. A page only ever read may be (the kernel
+/// maps its shared zero page), so the set may hold some zero pages too.
+///
+/// If `/proc/self/pagemap` cannot be read, every page is returned (and a
+/// warning logged once): that is always a correct answer, only slower to
+/// use.
+pub fn populated_pages(mem: &GuestMemoryMmap) -> DirtyBitmap {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    read_pagemap(mem).unwrap_or_else(|e| {
+        if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(
+                "cannot read /proc/self/pagemap ({e}): every page of guest RAM is taken as populated"
+            );
+        }
+        all_pages(mem)
+    })
 }
 
 #[cfg(test)]
@@ -235,5 +399,127 @@ mod tests {
         assert!(!bm.contains(GuestAddress(4096)));
         assert!(bm.contains(GuestAddress(MMIO_HOLE_END + 5)));
         assert!(!bm.contains(GuestAddress(MMIO_HOLE_END + 4096)));
+    }
+
+    #[test]
+    fn pagemap_entries_become_bitmap_words() {
+        let mut entries = vec![0u64; 130];
+        entries[0] = PAGEMAP_PRESENT | 0x1234;
+        entries[5] = PAGEMAP_SWAPPED;
+        // Other bits (soft-dirty, exclusive, file-mapped, a PFN) alone do
+        // not make a page populated.
+        entries[6] = 1 << 55 | 1 << 56 | 1 << 61 | 0xabc;
+        entries[63] = PAGEMAP_PRESENT;
+        entries[64] = PAGEMAP_PRESENT | PAGEMAP_SWAPPED;
+        entries[129] = PAGEMAP_PRESENT;
+        assert_eq!(
+            pagemap_words(&entries),
+            vec![1 | 1 << 5 | 1 << 63, 1, 1 << 1]
+        );
+        assert_eq!(pagemap_words(&[]), Vec::<u64>::new());
+        assert_eq!(pagemap_words(&[0; 64]), vec![0]);
+    }
+
+    #[test]
+    fn all_pages_covers_each_region_exactly() {
+        let mem = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 130 * PAGE_SIZE as usize),
+            (GuestAddress(MMIO_HOLE_END), 64 * PAGE_SIZE as usize),
+        ])
+        .unwrap();
+        let all = all_pages(&mem);
+        assert_eq!(all.count(), 194);
+        assert_eq!(all.slots[0].1, vec![u64::MAX, u64::MAX, 0b11]);
+        assert_eq!(all.slots[1], (GuestAddress(MMIO_HOLE_END), vec![u64::MAX]));
+    }
+
+    #[test]
+    fn populated_pages_are_those_touched() {
+        use vm_memory::Bytes;
+        let mem = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 16 << 20),
+            (GuestAddress(MMIO_HOLE_END), 4 << 20),
+        ])
+        .unwrap();
+        let fresh = populated_pages(&mem);
+        assert_eq!(fresh.count(), 0, "{:?}", fresh.pages().collect::<Vec<_>>());
+        assert_eq!(fresh.slots.len(), 2);
+        assert_eq!(fresh.slots[0].1.len(), (16 << 20) / 4096 / 64);
+        let touched = [
+            0u64,
+            3 * 4096,
+            100 * 4096 + 17,
+            (16 << 20) - 1,
+            MMIO_HOLE_END + 8192,
+        ];
+        for &addr in &touched {
+            mem.write_obj(0x5au8, GuestAddress(addr)).unwrap();
+        }
+        let got: Vec<u64> = populated_pages(&mem).pages().map(|a| a.0).collect();
+        let want: Vec<u64> = touched.iter().map(|a| a & !(PAGE_SIZE - 1)).collect();
+        if crate::testing::thp_always() {
+            // Transparent huge pages may bring in a whole 2 MiB page.
+            for w in &want {
+                assert!(got.contains(w), "{w:#x} missing");
+            }
+            for g in &got {
+                assert!(
+                    want.iter().any(|w| w >> 21 == g >> 21),
+                    "{g:#x} not touched"
+                );
+            }
+        } else {
+            assert_eq!(got, want);
+        }
+    }
+
+    #[test]
+    fn discarded_memory_reads_zeros_and_is_given_back() {
+        use vm_memory::Bytes;
+        let size = 32usize << 20;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).unwrap();
+        let pattern: Vec<u8> = (0..size).map(|i| (i % 251) as u8 | 1).collect();
+        mem.write_slice(&pattern, GuestAddress(0)).unwrap();
+        drop(pattern);
+        assert_eq!(populated_pages(&mem).count(), size / 4096);
+        let before = crate::testing::resident_pages();
+        discard(&mem).unwrap();
+        let after = crate::testing::resident_pages();
+        // At least three quarters of the 8192 pages went back to the host.
+        assert!(
+            before.saturating_sub(after) >= 6144,
+            "resident pages {before} before, {after} after"
+        );
+        assert_eq!(populated_pages(&mem).count(), 0);
+        // The VMM-side dirty bitmap is clear.
+        let region = mem.iter().next().unwrap();
+        assert!(
+            vm_memory::MmapRegion::bitmap(region)
+                .get_and_reset()
+                .iter()
+                .all(|&w| w == 0)
+        );
+        let mut back = vec![0xffu8; size];
+        mem.read_slice(&mut back, GuestAddress(0)).unwrap();
+        assert!(back.iter().all(|&b| b == 0));
+        // And it is usable again.
+        mem.write_obj(7u32, GuestAddress(4096)).unwrap();
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(4096)).unwrap(), 7);
+    }
+
+    #[test]
+    fn only_anonymous_memory_is_discarded() {
+        let file = vmm_sys_util::tempfile::TempFile::new().unwrap();
+        file.as_file().set_len(1 << 20).unwrap();
+        let offset = vm_memory::FileOffset::new(file.as_file().try_clone().unwrap(), 0);
+        let region = vm_memory::MmapRegion::<AtomicBitmap>::from_file(offset, 1 << 20).unwrap();
+        let mem = GuestMemoryMmap::from_regions(vec![
+            GuestRegionMmap::new(region, GuestAddress(0)).unwrap(),
+        ])
+        .unwrap();
+        assert!(matches!(
+            discard(&mem),
+            Err(MemoryError::NotAnonymous { addr: 0 })
+        ));
     }
 }

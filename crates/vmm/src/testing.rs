@@ -86,3 +86,18 @@ pub(crate) fn config(
         disks,
     }
 }
+
+/// Whether the host gives anonymous memory transparent huge pages unasked
+/// (then touching one page may populate its whole 2 MiB).
+pub(crate) fn thp_always() -> bool {
+    std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .is_ok_and(|s| s.contains("[always]"))
+}
+
+/// Resident pages of this process (`/proc/self/statm`).
+pub(crate) fn resident_pages() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse().ok())
+        .expect("cannot read /proc/self/statm")
+}

@@ -730,6 +730,30 @@ impl Vm {
         Ok(self.ram.take_dirty(&self.vm_fd)?)
     }
 
+    /// Returns all of guest RAM to untouched zero pages, giving its memory
+    /// back to the host, and clears the VMM-side dirty bitmap
+    /// ([`GuestRam::discard`]). The VM must be paused. The destination of a
+    /// migration does this before pages arrive: its RAM holds the kernel it
+    /// loaded when it was built.
+    pub fn discard_ram(&self) -> Result<(), Error> {
+        let _control = lock(&self.control);
+        if !self.is_paused() {
+            return Err(Error::NotPaused);
+        }
+        Ok(self.ram.discard()?)
+    }
+
+    /// The pages of guest RAM that may hold something other than zeros:
+    /// those present in this process's page tables or in swap, read from
+    /// `/proc/self/pagemap` ([`crate::memory::populated_pages`]). Pages
+    /// never touched are zeros for certain. If pagemap cannot be read,
+    /// every page (a warning is logged once). One slot per memory slot, as
+    /// [`Vm::take_dirty`] returns. On a running VM, a snapshot of a moving
+    /// set.
+    pub fn populated_pages(&self) -> Result<DirtyBitmap, Error> {
+        Ok(self.ram.populated_pages())
+    }
+
     /// Ends the VM as migrated: [`Vm::wait`] returns
     /// [`VmExit::Migrated`]. For the source of a migration, once the guest
     /// lives on at the destination.

@@ -1,15 +1,19 @@
 //! The building blocks of migration, on real VMs under KVM: handing the
-//! devices' back ends from one VM to another, and ending a VM as migrated.
+//! devices' back ends from one VM to another, discarding RAM, the pages
+//! RAM populates, and ending a VM as migrated.
 //!
 //! The guest is a hand-made ELF image that spins ([`crate::testing`]).
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::tempdir::TempDir;
 
 use crate::devices::lock;
 use crate::devices::virtio::{self, RawFile};
-use crate::testing::{SPIN, config, kvm_available, quiet};
+use crate::memory::PAGE_SIZE;
+use crate::testing::{SPIN, config, kvm_available, quiet, resident_pages, thp_always};
 use crate::vm::Error;
 use crate::{DiskConfig, NetConfig, Vm, VmEvent, VmExit};
 
@@ -263,4 +267,95 @@ fn a_tap_moves_from_one_vm_to_another_in_a_private_netns() {
     if let Err(why) = outcome {
         eprintln!("SKIPPED: {why}");
     }
+}
+
+#[test]
+fn discarded_ram_reads_zeros_and_returns_to_the_host() {
+    if !kvm_available() {
+        return;
+    }
+    let vm = Vm::new(&config(SPIN, 64 << 20, Vec::new(), Vec::new()), quiet()).unwrap();
+    let mem = vm.memory();
+    // The kernel was loaded at 1 MiB.
+    let mut code = [0u8; 2];
+    mem.read_slice(&mut code, GuestAddress(0x10_0000)).unwrap();
+    assert_eq!(code, SPIN);
+    let pattern: Vec<u8> = (0..16 << 20).map(|i: u32| (i % 253) as u8 | 1).collect();
+    mem.write_slice(&pattern, GuestAddress(32 << 20)).unwrap();
+    let populated = vm.populated_pages().unwrap().count();
+    assert!(populated >= 4096, "{populated}");
+    let before = resident_pages();
+    vm.discard_ram().unwrap();
+    let after = resident_pages();
+    assert!(
+        before.saturating_sub(after) >= 3072,
+        "resident pages {before} before, {after} after"
+    );
+    assert_eq!(vm.populated_pages().unwrap().count(), 0);
+    assert_eq!(vm.take_dirty().unwrap().count(), 0);
+    let mut all = vec![0xffu8; 64 << 20];
+    mem.read_slice(&mut all, GuestAddress(0)).unwrap();
+    assert!(all.iter().all(|&b| b == 0));
+
+    vm.start().unwrap();
+    assert!(matches!(vm.discard_ram(), Err(Error::NotPaused)));
+    power_off(&vm);
+}
+
+#[test]
+fn populated_pages_are_what_was_touched() {
+    if !kvm_available() {
+        return;
+    }
+    // Two memory slots: below the MMIO hole and from 4 GiB.
+    let size = (3 << 30) + (64 << 20);
+    let vm = Vm::new(&config(SPIN, size, Vec::new(), Vec::new()), quiet()).unwrap();
+    let fresh = vm.populated_pages().unwrap();
+    let dirty = vm.take_dirty().unwrap();
+    // The shape of a dirty bitmap.
+    assert_eq!(fresh.slots.len(), 2);
+    for (p, d) in fresh.slots.iter().zip(&dirty.slots) {
+        assert_eq!(p.0, d.0);
+        assert_eq!(p.1.len(), d.1.len());
+    }
+    // Only what building the VM wrote: boot structures, page tables, the
+    // kernel.
+    assert!(fresh.count() < 64, "{} pages", fresh.count());
+    for page in dirty.pages() {
+        assert!(fresh.contains(page), "written page {page:?} not populated");
+    }
+
+    let touched: Vec<u64> = (0..10u64)
+        .map(|i| (100 << 20) + i * (7 << 20) + i * PAGE_SIZE)
+        .chain([1 << 32, (1 << 32) + (63 << 20)])
+        .collect();
+    for &addr in &touched {
+        vm.memory().write_obj(1u8, GuestAddress(addr)).unwrap();
+    }
+    let now = vm.populated_pages().unwrap();
+    let new: Vec<u64> = now
+        .pages()
+        .filter(|p| !fresh.contains(*p))
+        .map(|p| p.0)
+        .collect();
+    if thp_always() {
+        for t in &touched {
+            assert!(new.contains(t), "{t:#x} not populated");
+        }
+        for n in &new {
+            assert!(touched.iter().any(|t| t >> 21 == n >> 21), "{n:#x}");
+        }
+    } else {
+        assert_eq!(new, touched);
+    }
+
+    // The guest's own writes count too.
+    vm.start().unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    vm.pause().unwrap();
+    let stack_and_more = vm.populated_pages().unwrap();
+    for page in now.pages() {
+        assert!(stack_and_more.contains(page));
+    }
+    power_off(&vm);
 }
