@@ -4,6 +4,7 @@
 
 pub mod arch;
 pub mod devices;
+pub mod digest;
 pub mod memory;
 pub mod snapshot;
 #[cfg(test)]
@@ -14,6 +15,7 @@ pub mod vm;
 mod vm_tests;
 
 pub use devices::virtio::{Backend, Backends};
+pub use digest::{DigestDifference, StateDigest};
 pub use snapshot::VmId;
 pub use vm::{Console, DeviceStates, Error, MachineState, Vm, VmState, run};
 

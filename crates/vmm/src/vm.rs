@@ -20,6 +20,7 @@ use crate::devices::legacy::{
 };
 use crate::devices::virtio::{self, Backends, MmioTransport, VirtioDevice, VirtioState};
 use crate::devices::{Bus, BusError, lock};
+use crate::digest::StateDigest;
 use crate::memory::{DirtyBitmap, GuestMemoryMmap, GuestRam, MMIO_HOLE_START, MemoryError};
 use crate::snapshot::dir::SnapshotError;
 use crate::snapshot::{ConfigFingerprint, Expected, FormatError, VmId};
@@ -752,6 +753,26 @@ impl Vm {
     /// set.
     pub fn populated_pages(&self) -> Result<DirtyBitmap, Error> {
         Ok(self.ram.populated_pages())
+    }
+
+    /// A digest of the paused VM: its RAM (per 2 MiB chunk), its device
+    /// states and its vCPUs' general and special registers; see
+    /// [`crate::digest`] for exactly what it covers. Two VMs with equal
+    /// digests hold the same guest state, e.g. the source and destination
+    /// of a migration.
+    pub fn digest(&self) -> Result<StateDigest, Error> {
+        let _control = lock(&self.control);
+        if !self.is_paused() {
+            return Err(Error::NotPaused);
+        }
+        let state = self.save_state()?;
+        let populated = self.ram.populated_pages();
+        crate::digest::compute(
+            self.ram.memory(),
+            &populated,
+            &state.devices,
+            &state.machine.vcpus,
+        )
     }
 
     /// Ends the VM as migrated: [`Vm::wait`] returns

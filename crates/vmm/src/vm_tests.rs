@@ -1,6 +1,6 @@
 //! The building blocks of migration, on real VMs under KVM: handing the
 //! devices' back ends from one VM to another, discarding RAM, the pages
-//! RAM populates, and ending a VM as migrated.
+//! RAM populates, the state digest, and ending a VM as migrated.
 //!
 //! The guest is a hand-made ELF image that spins ([`crate::testing`]).
 
@@ -12,6 +12,7 @@ use vmm_sys_util::tempdir::TempDir;
 
 use crate::devices::lock;
 use crate::devices::virtio::{self, RawFile};
+use crate::digest::{CHUNK_SIZE, DigestDifference, StateDigest};
 use crate::memory::PAGE_SIZE;
 use crate::testing::{SPIN, config, kvm_available, quiet, resident_pages, thp_always};
 use crate::vm::Error;
@@ -362,4 +363,90 @@ fn populated_pages_are_what_was_touched() {
         assert!(stack_and_more.contains(page));
     }
     power_off(&vm);
+}
+
+#[test]
+fn the_digest_of_a_paused_vm_is_stable_and_finds_a_changed_byte() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new().unwrap();
+    let path = image(&dir, "disk.img");
+    let vm = Vm::new(
+        &config(SPIN, 64 << 20, Vec::new(), vec![disk(&path)]),
+        quiet(),
+    )
+    .unwrap();
+    vm.start().unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(matches!(vm.digest(), Err(Error::NotPaused)));
+    vm.pause().unwrap();
+    let one = vm.digest().unwrap();
+    let two = vm.digest().unwrap();
+    assert_eq!(one, two);
+    assert_eq!(one.hex(), two.hex());
+    assert_eq!(one.chunks.len(), (64 << 20) / CHUNK_SIZE as usize);
+    assert_eq!(one.chunks[1].0, CHUNK_SIZE);
+
+    let gpa = 0x234_5678;
+    vm.memory().write_obj(0x42u8, GuestAddress(gpa)).unwrap();
+    let three = vm.digest().unwrap();
+    assert_eq!(
+        one.first_difference(&three),
+        Some(DigestDifference::Ram {
+            gpa: gpa & !(CHUNK_SIZE - 1)
+        })
+    );
+    let changed: Vec<u64> = one
+        .chunks
+        .iter()
+        .zip(&three.chunks)
+        .filter(|(a, b)| a.1 != b.1)
+        .map(|(a, _)| a.0)
+        .collect();
+    assert_eq!(changed, vec![gpa & !(CHUNK_SIZE - 1)]);
+    assert_eq!((one.devices, one.vcpus), (three.devices, three.vcpus));
+    assert_ne!(one.total(), three.total());
+
+    let bytes = postcard::to_stdvec(&three).unwrap();
+    let back: StateDigest = postcard::from_bytes(&bytes).unwrap();
+    assert_eq!(back, three);
+    assert_eq!(back.first_difference(&three), None);
+
+    // Another VM's devices (a read-only disk) differ.
+    let mut other_cfg = config(
+        SPIN,
+        64 << 20,
+        Vec::new(),
+        vec![disk(&image(&dir, "b.img"))],
+    );
+    other_cfg.disks[0].readonly = true;
+    let other = Vm::new(&other_cfg, quiet()).unwrap();
+    let d = other.digest().unwrap();
+    assert_eq!(d.chunks.len(), one.chunks.len());
+    assert_ne!(d.devices, one.devices);
+    power_off(&vm);
+}
+
+#[test]
+fn an_idle_large_vm_digests_quickly() {
+    if !kvm_available() {
+        return;
+    }
+    let size = (4 << 30) + (64 << 20);
+    let vm = Vm::new(&config(SPIN, size, Vec::new(), Vec::new()), quiet()).unwrap();
+    let start = std::time::Instant::now();
+    let d = vm.digest().unwrap();
+    let took = start.elapsed();
+    assert_eq!(d.chunks.len() as u64, size / CHUNK_SIZE);
+    assert_eq!(
+        d.chunks.last().unwrap().0,
+        (1 << 32) + (1 << 30) + (62 << 20)
+    );
+    // Only the few chunks building the VM wrote are read.
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    assert!(
+        crate::testing::resident_pages() < 256 << 10,
+        "the digest must not read all of RAM"
+    );
 }
