@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use clap::builder::{OsStringValueParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand};
 
-use crate::{config, devices, size};
+use crate::{config, devices, migration, size};
 
 /// twinvm: a KVM virtual machine monitor.
 #[derive(Debug, Parser)]
@@ -73,6 +73,32 @@ pub enum CtlAction {
         #[arg(long, value_name = "DIR", value_parser = OsStringValueParser::new().try_map(parse_path_arg))]
         to: PathBuf,
     },
+    /// Live-migrate the VM to a `twinvm run --incoming HOST:PORT` on this
+    /// or another host, and print the migration's report as JSON. The
+    /// guest keeps running while its memory is copied; once it runs at the
+    /// destination, this VM's `twinvm run` exits with status 0. If the
+    /// migration fails, the VM runs on here.
+    Migrate {
+        /// The destination's `--incoming` address.
+        #[arg(long, value_name = "HOST:PORT", value_parser = parse_connect_addr)]
+        to: String,
+        /// TCP connections to copy pages on, 1 to 16 [default: 1]
+        #[arg(long, value_name = "N", value_parser = parse_channels, allow_hyphen_values = true)]
+        channels: Option<u16>,
+        /// Longest pause of the guest at switchover, estimated from the
+        /// measured bandwidth, in milliseconds: 1 to 60000 [default: 50]
+        #[arg(long, value_name = "MS", value_parser = parse_downtime_ms, allow_hyphen_values = true)]
+        downtime_ms: Option<u64>,
+        /// Copy rounds after which the guest is paused for switchover even
+        /// if the budget is not met: 1 to 1000 [default: 30]
+        #[arg(long, value_name = "N", value_parser = parse_max_rounds, allow_hyphen_values = true)]
+        max_rounds: Option<u32>,
+        /// Debug: both sides compare a digest of guest RAM and device state
+        /// at switchover; a mismatch fails the migration [default: the VM's
+        /// --verify-migration]
+        #[arg(long)]
+        verify: bool,
+    },
 }
 
 /// Options of `twinvm run`. Each one overrides the same setting in the
@@ -135,6 +161,25 @@ pub struct RunArgs {
     /// and disks (unchanged) as the snapshotted VM had.
     #[arg(long, value_name = "DIR", value_parser = OsStringValueParser::new().try_map(parse_path_arg))]
     pub restore: Option<PathBuf>,
+
+    /// Receive the VM by live migration instead of booting it: listen on
+    /// HOST:PORT (e.g. 0.0.0.0:4444) for a `twinvm ctl migrate` from its
+    /// source, then run it. Give the same memory, vCPUs, network devices
+    /// and disks as the source VM has (docs/migration.md).
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_listen_addr, conflicts_with = "restore")]
+    pub incoming: Option<String>,
+
+    /// Shared secret for live migration, both directions: the file's whole
+    /// content (at least 32 bytes; mode 0600). Both sides must use the
+    /// same file content.
+    #[arg(long, value_name = "FILE", value_parser = OsStringValueParser::new().try_map(parse_path_arg))]
+    pub auth_key: Option<PathBuf>,
+
+    /// Debug: compare a digest of guest RAM and device state at every
+    /// migration's switchover (outgoing ones unless the request says
+    /// otherwise).
+    #[arg(long)]
+    pub verify_migration: bool,
 }
 
 impl RunArgs {
@@ -161,6 +206,37 @@ fn parse_path_arg(s: OsString) -> Result<PathBuf, String> {
     } else {
         Ok(PathBuf::from(s))
     }
+}
+
+fn parse_listen_addr(s: &str) -> Result<String, String> {
+    migration::check_addr(s, true).map(|()| s.to_string())
+}
+
+fn parse_connect_addr(s: &str) -> Result<String, String> {
+    migration::check_addr(s, false).map(|()| s.to_string())
+}
+
+/// A whole number within `range`.
+fn parse_in_range(s: &str, range: &std::ops::RangeInclusive<u64>) -> Result<u64, String> {
+    let n: i128 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a whole number"))?;
+    migration::check_range(n, range)
+}
+
+fn parse_channels(s: &str) -> Result<u16, String> {
+    parse_in_range(s, &migration::CHANNELS)
+        .and_then(|n| u16::try_from(n).map_err(|e| e.to_string()))
+}
+
+fn parse_downtime_ms(s: &str) -> Result<u64, String> {
+    parse_in_range(s, &migration::DOWNTIME_MS)
+}
+
+fn parse_max_rounds(s: &str) -> Result<u32, String> {
+    parse_in_range(s, &migration::MAX_ROUNDS)
+        .and_then(|n| u32::try_from(n).map_err(|e| e.to_string()))
 }
 
 fn parse_memory_arg(s: &str) -> Result<u64, size::Error> {
@@ -470,6 +546,155 @@ mod tests {
             let err = parse_ctl(args).expect_err(&args.join(" "));
             assert_eq!(err.exit_code(), 2, "{args:?}");
             assert!(!one_line_message(&err).contains('\n'));
+        }
+    }
+
+    #[test]
+    fn migration_flags_parse() {
+        let a = parse(&[
+            "run",
+            "--incoming",
+            "0.0.0.0:4444",
+            "--auth-key",
+            "/etc/twinvm/key",
+            "--verify-migration",
+        ])
+        .expect("valid arguments");
+        assert_eq!(a.incoming.as_deref(), Some("0.0.0.0:4444"));
+        assert_eq!(a.auth_key, Some(PathBuf::from("/etc/twinvm/key")));
+        assert!(a.verify_migration);
+        let a = parse(&["run", "--incoming", "[::]:0"]).expect("any port");
+        assert_eq!(a.incoming.as_deref(), Some("[::]:0"));
+        let a = parse(&["run"]).expect("valid arguments");
+        assert!(a.incoming.is_none() && a.auth_key.is_none() && !a.verify_migration);
+    }
+
+    #[test]
+    fn incoming_conflicts_with_restore_and_needs_an_address() {
+        let err = parse(&["run", "--incoming", "h:1", "--restore", "/snap"]).expect_err("both");
+        assert_eq!(err.exit_code(), 2);
+        let msg = one_line_message(&err);
+        assert!(
+            msg.contains("--incoming") && msg.contains("--restore"),
+            "{msg}"
+        );
+        assert!(msg.contains("cannot be used with"), "{msg}");
+        for (bad, want) in [
+            ("", "empty"),
+            ("4444", "has no port"),
+            ("host:port", "not a port number"),
+            ("::1:4444", "in brackets"),
+        ] {
+            let err = parse(&["run", "--incoming", bad]).expect_err(bad);
+            assert_eq!(err.exit_code(), 2);
+            let msg = one_line_message(&err);
+            assert!(msg.contains("--incoming"), "{bad}: {msg}");
+            assert!(msg.contains(want), "{bad}: {msg}");
+            assert!(!msg.contains('\n'), "{msg}");
+        }
+        let err = parse(&["run", "--auth-key", ""]).expect_err("empty path");
+        assert!(one_line_message(&err).contains("--auth-key"));
+    }
+
+    #[test]
+    fn ctl_migrate_parses_and_checks_its_ranges() {
+        let a =
+            parse_ctl(&["--socket", "/s", "migrate", "--to", "10.0.0.2:4444"]).expect("migrate");
+        assert_eq!(
+            a.action,
+            CtlAction::Migrate {
+                to: "10.0.0.2:4444".into(),
+                channels: None,
+                downtime_ms: None,
+                max_rounds: None,
+                verify: false,
+            }
+        );
+        let a = parse_ctl(&[
+            "--socket",
+            "/s",
+            "migrate",
+            "--to",
+            "dest:1",
+            "--channels",
+            "16",
+            "--downtime-ms",
+            "60000",
+            "--max-rounds",
+            "1000",
+            "--verify",
+        ])
+        .expect("migrate");
+        assert_eq!(
+            a.action,
+            CtlAction::Migrate {
+                to: "dest:1".into(),
+                channels: Some(16),
+                downtime_ms: Some(60_000),
+                max_rounds: Some(1000),
+                verify: true,
+            }
+        );
+        for (args, want) in [
+            (&["migrate"][..], "--to"),
+            (&["migrate", "--to", "dest"], "has no port"),
+            (&["migrate", "--to", "dest:0"], "port 0"),
+            (
+                &["migrate", "--to", "h:1", "--channels", "0"],
+                "between 1 and 16, not 0",
+            ),
+            (
+                &["migrate", "--to", "h:1", "--channels", "17"],
+                "between 1 and 16, not 17",
+            ),
+            (
+                &["migrate", "--to", "h:1", "--channels", "-3"],
+                "between 1 and 16, not -3",
+            ),
+            (
+                &["migrate", "--to", "h:1", "--channels", "two"],
+                "not a whole number",
+            ),
+            (
+                &[
+                    "migrate",
+                    "--to",
+                    "h:1",
+                    "--channels",
+                    "99999999999999999999",
+                ],
+                "between 1 and 16",
+            ),
+            (
+                &["migrate", "--to", "h:1", "--downtime-ms", "0"],
+                "between 1 and 60000",
+            ),
+            (
+                &["migrate", "--to", "h:1", "--downtime-ms", "60001"],
+                "between 1 and 60000",
+            ),
+            (
+                &["migrate", "--to", "h:1", "--max-rounds", "0"],
+                "between 1 and 1000",
+            ),
+            (
+                &["migrate", "--to", "h:1", "--max-rounds", "1001"],
+                "between 1 and 1000",
+            ),
+            (
+                &["migrate", "--to", "h:1", "--bandwidth", "1"],
+                "--bandwidth",
+            ),
+        ] {
+            let argv: Vec<&str> = ["--socket", "/s"]
+                .into_iter()
+                .chain(args.iter().copied())
+                .collect();
+            let err = parse_ctl(&argv).expect_err(&args.join(" "));
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+            let msg = one_line_message(&err);
+            assert!(msg.contains(want), "{args:?}: {msg}");
+            assert!(!msg.contains('\n'), "{msg}");
         }
     }
 }

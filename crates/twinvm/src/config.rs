@@ -20,6 +20,11 @@
 //!
 //! [api]
 //! socket = "vm.sock"           # the control API's Unix socket
+//!
+//! [migration]
+//! auth_key = "migration.key"   # shared secret, both directions
+//! incoming = "0.0.0.0:4444"    # receive the VM by migration
+//! verify = false               # debug: digest compare at switchover
 //! ```
 //!
 //! Every table rejects unknown keys, so a typo is an error that names the
@@ -34,7 +39,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
 
 use crate::cli::RunArgs;
-use crate::{devices, size};
+use crate::{devices, migration, size};
 
 /// Guest memory when neither the command line nor the file sets it.
 pub const DEFAULT_MEMORY: u64 = 256 << 20;
@@ -86,6 +91,16 @@ pub enum Error {
         /// What is wrong.
         source: devices::Error,
     },
+    /// An incoming migration and a snapshot to restore, one of them from
+    /// the file.
+    #[error(
+        "config file '{}': `migration.incoming` cannot be used with --restore (a VM is either restored or received by migration)",
+        .path.display()
+    )]
+    IncomingWithRestore {
+        /// The file.
+        path: PathBuf,
+    },
     /// No kernel given, and the binary carries no test guest.
     #[error(
         "no kernel given (--kernel or `vm.kernel`) and this twinvm was built without the bundled test guest"
@@ -119,6 +134,36 @@ pub struct ConfigFile {
     /// `[api]`: the control API.
     #[serde(default)]
     pub api: ApiSection,
+    /// `[migration]`: live migration.
+    #[serde(default)]
+    pub migration: MigrationSection,
+}
+
+/// The `[migration]` table. The key path is resolved once the file is
+/// loaded.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationSection {
+    /// The shared secret's file.
+    pub auth_key: Option<PathBuf>,
+    /// The address to receive the VM on.
+    pub incoming: Option<ListenAddr>,
+    /// Compare digests at switchover.
+    pub verify: Option<bool>,
+}
+
+/// A `host:port` to listen on ([`migration::check_addr`]).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct ListenAddr(pub String);
+
+impl TryFrom<String> for ListenAddr {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        migration::check_addr(&s, true)
+            .map(|()| ListenAddr(s))
+            .map_err(|e| format!("invalid `incoming`: {e}"))
+    }
 }
 
 /// The `[api]` table. The path is resolved once the file is loaded.
@@ -362,6 +407,7 @@ impl ConfigFile {
             ("vm.kernel", &mut vm.kernel),
             ("vm.initrd", &mut vm.initrd),
             ("api.socket", &mut file.api.socket),
+            ("migration.auth_key", &mut file.migration.auth_key),
         ] {
             if let Some(p) = slot.take() {
                 if p.as_os_str().is_empty() {
@@ -466,6 +512,19 @@ pub struct Settings {
     pub vm: vmm::VmConfig,
     /// Where to serve the control API, if anywhere.
     pub api_socket: Option<PathBuf>,
+    /// Live migration.
+    pub migration: MigrationSettings,
+}
+
+/// The migration settings of `twinvm run`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct MigrationSettings {
+    /// Receive the VM by migration on this address.
+    pub incoming: Option<String>,
+    /// The shared secret's file.
+    pub auth_key: Option<PathBuf>,
+    /// Compare digests at switchover.
+    pub verify: bool,
 }
 
 /// Builds the settings: command-line flags override the config file
@@ -477,9 +536,23 @@ pub fn settings(args: &RunArgs, bundled_guest: &'static [u8]) -> Result<Settings
         None => ConfigFile::default(),
     };
     let api_socket = args.api_socket.clone().or(file.api.socket.take());
+    let section = std::mem::take(&mut file.migration);
+    let migration = MigrationSettings {
+        incoming: args.incoming.clone().or(section.incoming.map(|a| a.0)),
+        auth_key: args.auth_key.clone().or(section.auth_key),
+        verify: args.verify_migration || section.verify.unwrap_or(false),
+    };
+    if migration.incoming.is_some()
+        && args.restore.is_some()
+        && let Some(path) = &args.config
+    {
+        // Both on the command line is a usage error caught earlier.
+        return Err(Error::IncomingWithRestore { path: path.clone() });
+    }
     Ok(Settings {
         vm: merge(file, args, bundled_guest)?,
         api_socket,
+        migration,
     })
 }
 
@@ -497,6 +570,7 @@ pub fn merge(
         net: file_net,
         disks: file_disks,
         api: _,
+        migration: _,
     } = file;
     let kernel = match args.kernel.clone().or(file.kernel) {
         Some(path) => vmm::KernelSource::File(path),
@@ -708,6 +782,9 @@ mod tests {
             api_socket: None,
             config: None,
             restore: None,
+            incoming: None,
+            auth_key: None,
+            verify_migration: false,
         };
         let c = merge(file, &args, GUEST).expect("merge");
         assert_eq!(c.memory_bytes, 1 << 30);
@@ -990,6 +1067,89 @@ mod tests {
         ] {
             let msg = parse_err(text);
             assert!(msg.contains(want), "{text}: {msg}");
+        }
+    }
+
+    #[test]
+    fn migration_table_parses_and_flags_win() {
+        let f = ConfigFile::parse(
+            "[migration]\nauth_key = \"keys/mig.key\"\nincoming = \"0.0.0.0:4444\"\nverify = true\n",
+            Path::new("/srv/vm/vm.toml"),
+        )
+        .expect("valid");
+        assert_eq!(
+            f.migration.auth_key,
+            Some(PathBuf::from("/srv/vm/keys/mig.key"))
+        );
+        assert_eq!(
+            f.migration.incoming,
+            Some(ListenAddr("0.0.0.0:4444".into()))
+        );
+        assert_eq!(f.migration.verify, Some(true));
+
+        let dir = std::env::temp_dir().join(format!("twinvm-cfg-mig-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let cfg = dir.join("vm.toml");
+        std::fs::write(
+            &cfg,
+            "[migration]\nauth_key = \"k\"\nincoming = \"127.0.0.1:4444\"\n",
+        )
+        .expect("write config");
+        let mut args = RunArgs {
+            config: Some(cfg.clone()),
+            ..RunArgs::default()
+        };
+        let s = settings(&args, GUEST).expect("settings");
+        assert_eq!(
+            s.migration,
+            MigrationSettings {
+                incoming: Some("127.0.0.1:4444".into()),
+                auth_key: Some(dir.join("k")),
+                verify: false,
+            }
+        );
+        args.incoming = Some("[::1]:5555".into());
+        args.auth_key = Some("/flag.key".into());
+        args.verify_migration = true;
+        let s = settings(&args, GUEST).expect("settings");
+        assert_eq!(
+            s.migration,
+            MigrationSettings {
+                incoming: Some("[::1]:5555".into()),
+                auth_key: Some(PathBuf::from("/flag.key")),
+                verify: true,
+            }
+        );
+        // The file's `incoming` and --restore do not go together.
+        args.incoming = None;
+        args.restore = Some("/snap".into());
+        let err = settings(&args, GUEST).expect_err("incoming and restore");
+        assert!(matches!(err, Error::IncomingWithRestore { .. }), "{err}");
+        assert!(err.to_string().contains("--restore"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+
+        let s = settings(&RunArgs::default(), GUEST).expect("settings");
+        assert_eq!(s.migration, MigrationSettings::default());
+    }
+
+    #[test]
+    fn bad_migration_tables_are_rejected() {
+        for (text, want) in [
+            (
+                "[migration]\nauth_key = \"\"\n",
+                "`migration.auth_key` must not be empty",
+            ),
+            (
+                "[migration]\nincoming = \"4444\"\n",
+                "line 2, column 12: invalid `incoming`: '4444' has no port",
+            ),
+            ("[migration]\nincoming = 4444\n", "invalid type"),
+            ("[migration]\nverify = \"yes\"\n", "invalid type"),
+            ("[migration]\nchannels = 2\n", "unknown field `channels`"),
+        ] {
+            let msg = parse_err(text);
+            assert!(msg.contains(want), "{text}: {msg}");
+            assert!(!msg.contains('\n'), "{msg}");
         }
     }
 }

@@ -14,6 +14,9 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 /// How long to wait for a snapshot to be written (guest RAM goes to disk
 /// and is synced).
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long to wait for a migration to end (it reports its progress in
+/// `twinvm ctl status` meanwhile).
+const MIGRATE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// The most response bytes read.
 const MAX_RESPONSE: u64 = 1 << 20;
 
@@ -76,6 +79,30 @@ pub fn run(args: &CtlArgs) -> Result<(), Error> {
                 format!("snapshot written to {}", to.display()),
             )
         }
+        CtlAction::Migrate {
+            to,
+            channels,
+            downtime_ms,
+            max_rounds,
+            verify,
+        } => {
+            let mut req = serde_json::Map::new();
+            req.insert("to".into(), to.as_str().into());
+            if let Some(n) = channels {
+                req.insert("channels".into(), (*n).into());
+            }
+            if let Some(ms) = downtime_ms {
+                req.insert("downtime_ms".into(), (*ms).into());
+            }
+            if let Some(n) = max_rounds {
+                req.insert("max_rounds".into(), (*n).into());
+            }
+            if *verify {
+                req.insert("verify".into(), true.into());
+            }
+            body = Some(serde_json::to_vec(&req).map_err(|e| Error::BadResponse(e.to_string()))?);
+            ("PUT", "/vm/migrate", String::new())
+        }
     };
     let resp = call(&args.socket, method, path, body.as_deref())?;
     if !(200..300).contains(&resp.status) {
@@ -92,6 +119,12 @@ pub fn run(args: &CtlArgs) -> Result<(), Error> {
             .map_err(|e| Error::BadResponse(format!("status is not valid JSON: {e}")))?;
         let text =
             serde_json::to_string_pretty(&status).map_err(|e| Error::BadResponse(e.to_string()))?;
+        println!("{text}");
+    } else if matches!(args.action, CtlAction::Migrate { .. }) {
+        let report: replication::migration::Report = serde_json::from_slice(&resp.body)
+            .map_err(|e| Error::BadResponse(format!("the report is not valid JSON: {e}")))?;
+        let text =
+            serde_json::to_string_pretty(&report).map_err(|e| Error::BadResponse(e.to_string()))?;
         println!("{text}");
     } else {
         println!("{done}");
@@ -131,10 +164,10 @@ pub fn call(
         path: socket.to_path_buf(),
         source,
     };
-    let timeout = if path == "/vm/snapshot" {
-        SNAPSHOT_TIMEOUT
-    } else {
-        TIMEOUT
+    let timeout = match path {
+        "/vm/snapshot" => SNAPSHOT_TIMEOUT,
+        "/vm/migrate" => MIGRATE_TIMEOUT,
+        _ => TIMEOUT,
     };
     stream.set_read_timeout(Some(timeout)).map_err(io)?;
     stream.set_write_timeout(Some(TIMEOUT)).map_err(io)?;
@@ -147,9 +180,14 @@ pub fn call(
         // The server may reset the connection after a complete response.
         Err(e) if e.kind() == ErrorKind::ConnectionReset && !buf.is_empty() => {}
         Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+            let hint = if path == "/vm/migrate" {
+                " (the migration may still be running: see `twinvm ctl status`)"
+            } else {
+                ""
+            };
             return Err(io(std::io::Error::new(
                 ErrorKind::TimedOut,
-                format!("no answer within {} s", timeout.as_secs()),
+                format!("no answer within {} s{hint}", timeout.as_secs()),
             )));
         }
         Err(e) => return Err(io(e)),

@@ -1,15 +1,17 @@
 //! `twinvm`: the command-line front end of the twinvm VMM.
 //!
 //! `twinvm run`: stdout carries only the guest's serial console; logs and
-//! errors go to stderr. Exit status: 0 when the guest powers off or resets,
-//! 1 on any error, 2 on a command-line usage error. `twinvm ctl` talks to
-//! the control API of a running VM (docs/api.md).
+//! errors go to stderr. Exit status: 0 when the guest powers off or resets
+//! or the VM has migrated away, 1 on any error, 2 on a command-line usage
+//! error. `twinvm ctl` talks to the control API of a running VM
+//! (docs/api.md). Live migration: docs/migration.md.
 
 mod api;
 mod cli;
 mod config;
 mod ctl;
 mod devices;
+mod migration;
 mod size;
 mod testguest;
 
@@ -38,6 +40,12 @@ enum Error {
     /// `twinvm ctl` failed.
     #[error(transparent)]
     Ctl(#[from] ctl::Error),
+    /// A migration could not be set up (auth key, `--incoming` port).
+    #[error(transparent)]
+    Migration(#[from] migration::Error),
+    /// The incoming migration failed; the VM never ran.
+    #[error("incoming migration failed: {0}")]
+    Incoming(String),
     /// `--restore DIR` names no directory.
     #[error("--restore '{}': {}", .0.display(), if .0.exists() { "not a directory" } else { "no such directory" })]
     NoSnapshotDir(std::path::PathBuf),
@@ -77,16 +85,19 @@ fn main() -> ExitCode {
 fn run(cli: cli::Cli) -> Result<(), Error> {
     match cli.command {
         cli::Command::Run(args) => {
-            let exit = run_vm(&args)?;
-            tracing::info!(?exit, "VM ended");
+            match run_vm(&args)? {
+                // It lives on elsewhere.
+                vmm::VmExit::Migrated => tracing::info!("VM migrated"),
+                exit => tracing::info!(?exit, "VM ended"),
+            }
             Ok(())
         }
         cli::Command::Ctl(args) => Ok(ctl::run(&args)?),
     }
 }
 
-/// `twinvm run`: builds and starts the VM, serves its control API if asked
-/// to, and waits until the VM ends.
+/// `twinvm run`: builds and starts the VM (or receives it by migration),
+/// serves its control API if asked to, and waits until the VM ends.
 fn run_vm(args: &cli::RunArgs) -> Result<vmm::VmExit, Error> {
     let settings = config::settings(args, testguest::ELF)?;
     let config = &settings.vm;
@@ -99,6 +110,8 @@ fn run_vm(args: &cli::RunArgs) -> Result<vmm::VmExit, Error> {
         disks = ?config.disks,
         api_socket = ?settings.api_socket,
         restore = ?args.restore,
+        incoming = ?settings.migration.incoming,
+        auth_key = ?settings.migration.auth_key,
         "starting VM"
     );
     if let Some(dir) = &args.restore
@@ -106,6 +119,15 @@ fn run_vm(args: &cli::RunArgs) -> Result<vmm::VmExit, Error> {
     {
         return Err(Error::NoSnapshotDir(dir.clone()));
     }
+    let defaults = migration::Defaults {
+        auth_key: settings
+            .migration
+            .auth_key
+            .as_deref()
+            .map(migration::load_auth_key)
+            .transpose()?,
+        verify: settings.migration.verify,
+    };
     // The socket first: a bad path fails before anything boots, and the
     // socket is bound before any other thread exists (see api::server).
     let listener = settings
@@ -113,7 +135,18 @@ fn run_vm(args: &cli::RunArgs) -> Result<vmm::VmExit, Error> {
         .as_deref()
         .map(api::server::bind)
         .transpose()?;
-    let vm = Arc::new(vmm::Vm::new(config, vmm::Console::stdio())?);
+    // Then the migration port: a busy one fails before the VM is built.
+    let incoming = settings
+        .migration
+        .incoming
+        .as_deref()
+        .map(|addr| migration::listen(addr, &defaults))
+        .transpose()?;
+    let vm = Arc::new(match incoming {
+        // Its taps and disks are attached when the source hands them over.
+        Some(_) => vmm::Vm::new_incoming(config, vmm::Console::stdio())?,
+        None => vmm::Vm::new(config, vmm::Console::stdio())?,
+    });
     if let Some(dir) = &args.restore {
         // The VM is built as usual (its kernel loaded), then its RAM and
         // state are replaced by the snapshot's.
@@ -123,21 +156,40 @@ fn run_vm(args: &cli::RunArgs) -> Result<vmm::VmExit, Error> {
         })?;
         tracing::info!(dir = %dir.display(), identity = %vm.identity(), "restored the snapshot");
     }
-    vm.start()?;
-    let started = Instant::now();
-    let Some(listener) = listener else {
-        return Ok(vm.wait()?);
+    let summary = api::VmSummary::of(config);
+    let control = match &incoming {
+        Some(incoming) => listener.as_ref().map(|_| {
+            api::vm::VmControl::incoming(vm.clone(), summary, defaults, incoming.progress())
+        }),
+        None => {
+            vm.start()?;
+            let started = Instant::now();
+            listener
+                .as_ref()
+                .map(|_| api::vm::VmControl::new(vm.clone(), summary, defaults, started))
+        }
+    }
+    .map(Arc::new);
+    let server = match (listener, &control) {
+        (Some(listener), Some(control)) => {
+            tracing::info!(path = %listener.path().display(), "serving the control API");
+            Some(listener.serve(control.clone())?)
+        }
+        _ => None,
     };
-    let control = Arc::new(api::vm::VmControl::new(
-        vm.clone(),
-        api::VmSummary::of(config),
-        started,
-    ));
-    tracing::info!(path = %listener.path().display(), "serving the control API");
-    let server = listener.serve(control.clone())?;
+    let incoming = incoming
+        .map(|incoming| incoming.spawn(vm.clone(), control.clone()))
+        .transpose()?;
     let exit = vm.wait();
-    control.mark_ended();
-    server.stop(API_GRACE);
+    if let Some(control) = &control {
+        control.mark_ended();
+    }
+    if let Some(server) = server {
+        server.stop(API_GRACE);
+    }
+    if let Some(failure) = incoming.and_then(|i| i.failure()) {
+        return Err(Error::Incoming(failure));
+    }
     Ok(exit?)
 }
 

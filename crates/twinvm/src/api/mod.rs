@@ -27,16 +27,21 @@ pub enum RunState {
 /// The body of `GET /vm`.
 ///
 /// Clients ignore fields they do not know, so fields can be added (e.g. the
-/// progress of a snapshot or migration) without breaking older clients.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// progress of a snapshot) without breaking older clients.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VmStatus {
     /// Running or paused.
     pub state: RunState,
-    /// Milliseconds since the VM started, paused time included.
+    /// Milliseconds since the VM started, paused time included (0 while
+    /// it waits for an incoming migration).
     pub uptime_ms: u64,
     /// Fixed at start: vCPUs, memory and devices.
     #[serde(flatten)]
     pub summary: VmSummary,
+    /// The migration running, or the last one (outgoing or incoming);
+    /// absent if there was none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<replication::migration::Progress>,
 }
 
 /// What the VM was built with; does not change while it runs.
@@ -160,6 +165,7 @@ mod tests {
             state: RunState::Paused,
             uptime_ms: 1234,
             summary: VmSummary::of(&config()),
+            migration: None,
         };
         let json = serde_json::to_value(&status).expect("serializes");
         assert_eq!(
@@ -184,9 +190,29 @@ mod tests {
     }
 
     #[test]
+    fn migration_progress_is_part_of_the_status() {
+        let progress = replication::migration::ProgressHandle::new(
+            replication::migration::Direction::Incoming,
+            "",
+        );
+        let status = VmStatus {
+            state: RunState::Paused,
+            uptime_ms: 0,
+            summary: VmSummary::of(&config()),
+            migration: Some(progress.get()),
+        };
+        let json = serde_json::to_value(&status).expect("serializes");
+        assert_eq!(json["migration"]["direction"], "incoming");
+        assert_eq!(json["migration"]["phase"], "waiting");
+        assert_eq!(json["migration"]["report"], serde_json::Value::Null);
+        let back: VmStatus = serde_json::from_value(json).expect("round trip");
+        assert_eq!(back, status);
+    }
+
+    #[test]
     fn clients_ignore_unknown_status_fields() {
         let text = r#"{"state":"running","uptime_ms":5,"vcpus":1,"memory_bytes":4096,
-            "devices":{"net":[],"disks":[]},"migration":{"progress":0.5}}"#;
+            "devices":{"net":[],"disks":[]},"snapshot":{"progress":0.5}}"#;
         let status: VmStatus = serde_json::from_str(text).expect("decodes");
         assert_eq!(status.state, RunState::Running);
         assert_eq!(status.summary.vcpus, 1);

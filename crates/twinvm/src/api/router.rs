@@ -8,12 +8,15 @@
 //! [`Control::status`] can report it, so `GET /vm` shows it meanwhile.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use replication::migration::Report;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use super::VmStatus;
 use super::http::{Request, Response};
+use crate::migration;
 
 /// An error a [`Control`] operation answers with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +43,30 @@ impl ApiError {
             message: message.into(),
         }
     }
+
+    /// 502: an operation involving another host (a migration) failed.
+    pub fn bad_gateway(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: 502,
+            message: message.into(),
+        }
+    }
+}
+
+/// A validated `PUT /vm/migrate` request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrateArgs {
+    /// The destination's `host:port`.
+    pub to: String,
+    /// Page channels.
+    pub channels: u16,
+    /// Downtime budget.
+    pub downtime: Duration,
+    /// Pre-copy rounds at most.
+    pub max_rounds: u32,
+    /// Compare digests at switchover; `None`: the VM's default
+    /// (`--verify-migration`).
+    pub verify: Option<bool>,
 }
 
 /// What the API can do to a VM. Operations are idempotent where that makes
@@ -57,6 +84,10 @@ pub trait Control: Send + Sync {
     /// twinvm's working directory), pausing a running VM for it and
     /// resuming it afterwards; a paused VM stays paused.
     fn snapshot(&self, to: &Path) -> Result<(), ApiError>;
+    /// Live-migrates the VM to the `twinvm run --incoming` at `args.to`;
+    /// returns once the guest runs there (the VM here has then ended) or
+    /// the migration failed (the VM here goes on as before).
+    fn migrate(&self, args: &MigrateArgs) -> Result<Report, ApiError>;
 }
 
 /// A request handler.
@@ -95,6 +126,11 @@ const ROUTES: &[Route] = &[
         method: "PUT",
         path: "/vm/snapshot",
         handler: put_snapshot,
+    },
+    Route {
+        method: "PUT",
+        path: "/vm/migrate",
+        handler: put_migrate,
     },
 ];
 
@@ -188,6 +224,71 @@ fn put_snapshot(control: &dyn Control, req: &Request) -> Response {
     }
 }
 
+/// The body of `PUT /vm/migrate`. Numbers are taken as wide integers so
+/// that a value out of range gets the range in its error.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MigrateArguments {
+    /// The destination, `host:port`.
+    to: String,
+    channels: Option<i64>,
+    downtime_ms: Option<i64>,
+    max_rounds: Option<i64>,
+    verify: Option<bool>,
+}
+
+impl MigrateArguments {
+    /// Checks every field; the error is the message of a 400.
+    fn validate(self) -> Result<MigrateArgs, String> {
+        let defaults = replication::migration::Params::default();
+        migration::check_addr(&self.to, false).map_err(|e| format!("`to`: {e}"))?;
+        let field = |name: &str, value: Option<i64>, range, default: u64| match value {
+            None => Ok(default),
+            Some(v) => migration::check_range(v.into(), range).map_err(|e| format!("`{name}` {e}")),
+        };
+        let channels = field(
+            "channels",
+            self.channels,
+            &migration::CHANNELS,
+            defaults.channels.into(),
+        )?;
+        let downtime_ms = field(
+            "downtime_ms",
+            self.downtime_ms,
+            &migration::DOWNTIME_MS,
+            u64::try_from(defaults.downtime_budget.as_millis()).unwrap_or(u64::MAX),
+        )?;
+        let max_rounds = field(
+            "max_rounds",
+            self.max_rounds,
+            &migration::MAX_ROUNDS,
+            defaults.max_rounds.into(),
+        )?;
+        Ok(MigrateArgs {
+            to: self.to,
+            channels: u16::try_from(channels).map_err(|e| e.to_string())?,
+            downtime: Duration::from_millis(downtime_ms),
+            max_rounds: u32::try_from(max_rounds).map_err(|e| e.to_string())?,
+            verify: self.verify,
+        })
+    }
+}
+
+fn put_migrate(control: &dyn Control, req: &Request) -> Response {
+    let args = match json_body::<MigrateArguments>(req) {
+        Ok(args) => args,
+        Err(resp) => return resp,
+    };
+    let args = match args.validate() {
+        Ok(args) => args,
+        Err(e) => return Response::error(400, format!("invalid JSON body: {e}")),
+    };
+    match control.migrate(&args) {
+        Ok(report) => Response::json(200, &report),
+        Err(e) => Response::error(e.status, e.message),
+    }
+}
+
 #[cfg(test)]
 pub mod fake {
     //! A [`Control`] for tests.
@@ -196,7 +297,9 @@ pub mod fake {
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicBool, Ordering};
 
-    use super::{ApiError, Control};
+    use replication::migration::Report;
+
+    use super::{ApiError, Control, MigrateArgs};
     use crate::api::{Devices, RunState, VmStatus, VmSummary};
 
     fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -212,6 +315,8 @@ pub mod fake {
         /// The directories snapshots were written to, and whether the VM
         /// was paused while each was written.
         pub snapshots: Mutex<Vec<(PathBuf, bool)>>,
+        /// The migrations asked for.
+        pub migrations: Mutex<Vec<MigrateArgs>>,
     }
 
     impl Control for Fake {
@@ -228,6 +333,7 @@ pub mod fake {
                     memory_bytes: 1 << 30,
                     devices: Devices::default(),
                 },
+                migration: None,
             }
         }
         fn pause(&self) -> Result<(), ApiError> {
@@ -258,6 +364,20 @@ pub mod fake {
             lock(&self.snapshots).push((to.to_path_buf(), self.is_paused()));
             *lock(&self.paused) = was_paused;
             Ok(())
+        }
+        fn migrate(&self, args: &MigrateArgs) -> Result<Report, ApiError> {
+            lock(&self.migrations).push(args.clone());
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(ApiError::bad_gateway(format!(
+                    "migration failed: cannot open the migration link to {}: Connection refused (os error 111)",
+                    args.to
+                )));
+            }
+            Ok(Report {
+                rounds: 3,
+                channels: args.channels,
+                ..Report::default()
+            })
         }
     }
 
@@ -414,5 +534,123 @@ mod tests {
         let resp = route(&fake, &req("PUT", "/vm/snapshot", r#"{"to": "/x"}"#));
         assert_eq!(resp.status, 500);
         assert_eq!(error_of(&resp), "/x is not an empty directory");
+    }
+
+    #[test]
+    fn migrate_takes_a_destination_and_optional_parameters() {
+        let fake = Fake::default();
+        let resp = route(
+            &fake,
+            &req("PUT", "/vm/migrate", r#"{"to": "10.0.0.2:4444"}"#),
+        );
+        assert_eq!(resp.status, 200, "{resp:?}");
+        let report: Report = serde_json::from_slice(&resp.body).expect("a report");
+        assert_eq!((report.rounds, report.channels), (3, 1));
+        let body = r#"{"to": "[::1]:4444", "channels": 16, "downtime_ms": 60000,
+            "max_rounds": 1, "verify": true}"#;
+        assert_eq!(route(&fake, &req("PUT", "/vm/migrate", body)).status, 200);
+        let body = r#"{"to": "dest:1", "verify": false, "channels": null}"#;
+        assert_eq!(route(&fake, &req("PUT", "/vm/migrate", body)).status, 200);
+        assert_eq!(
+            *fake.migrations.lock().unwrap(),
+            [
+                MigrateArgs {
+                    to: "10.0.0.2:4444".into(),
+                    channels: 1,
+                    downtime: Duration::from_millis(50),
+                    max_rounds: 30,
+                    verify: None,
+                },
+                MigrateArgs {
+                    to: "[::1]:4444".into(),
+                    channels: 16,
+                    downtime: Duration::from_secs(60),
+                    max_rounds: 1,
+                    verify: Some(true),
+                },
+                MigrateArgs {
+                    to: "dest:1".into(),
+                    channels: 1,
+                    downtime: Duration::from_millis(50),
+                    max_rounds: 30,
+                    verify: Some(false),
+                },
+            ]
+        );
+        let resp = route(&fake, &req("GET", "/vm/migrate", ""));
+        assert_eq!((resp.status, resp.allow.as_deref()), (405, Some("PUT")));
+    }
+
+    #[test]
+    fn bad_migrate_bodies_are_400_and_start_nothing() {
+        let fake = Fake::default();
+        for (body, want) in [
+            ("", "missing field `to`"),
+            ("{}", "missing field `to`"),
+            (r#"{"to": ""}"#, "`to`: the address is empty"),
+            (r#"{"to": "host"}"#, "has no port"),
+            (r#"{"to": "host:0"}"#, "port 0"),
+            (r#"{"to": "host:99999"}"#, "not a port number"),
+            (r#"{"to": "::1:4444"}"#, "in brackets"),
+            (r#"{"to": 4444}"#, "invalid JSON body"),
+            (
+                r#"{"to": "h:1", "channels": 0}"#,
+                "`channels` must be between 1 and 16, not 0",
+            ),
+            (
+                r#"{"to": "h:1", "channels": 17}"#,
+                "`channels` must be between 1 and 16, not 17",
+            ),
+            (
+                r#"{"to": "h:1", "channels": -1}"#,
+                "`channels` must be between 1 and 16, not -1",
+            ),
+            (r#"{"to": "h:1", "channels": 1.5}"#, "invalid JSON body"),
+            (r#"{"to": "h:1", "channels": "2"}"#, "invalid JSON body"),
+            (
+                r#"{"to": "h:1", "downtime_ms": 0}"#,
+                "`downtime_ms` must be between 1 and 60000, not 0",
+            ),
+            (
+                r#"{"to": "h:1", "downtime_ms": 60001}"#,
+                "`downtime_ms` must be between 1 and 60000",
+            ),
+            (
+                r#"{"to": "h:1", "max_rounds": 0}"#,
+                "`max_rounds` must be between 1 and 1000, not 0",
+            ),
+            (
+                r#"{"to": "h:1", "max_rounds": 1001}"#,
+                "`max_rounds` must be between 1 and 1000",
+            ),
+            (
+                r#"{"to": "h:1", "max_rounds": 99999999999999999999}"#,
+                "invalid JSON body",
+            ),
+            (r#"{"to": "h:1", "verify": "yes"}"#, "invalid JSON body"),
+            (
+                r#"{"to": "h:1", "bandwidth": 5}"#,
+                "unknown field `bandwidth`",
+            ),
+            (r#"{"dest": "h:1"}"#, "unknown field `dest`"),
+            ("[]", "invalid JSON body"),
+        ] {
+            let resp = route(&fake, &req("PUT", "/vm/migrate", body));
+            assert_eq!(resp.status, 400, "{body}");
+            let msg = error_of(&resp);
+            assert!(msg.contains(want), "{body}: {msg}");
+            assert!(msg.starts_with("invalid JSON body"), "{body}: {msg}");
+            assert!(!msg.contains('\n'), "{body}: {msg}");
+        }
+        assert!(fake.migrations.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn migration_failures_keep_their_status() {
+        let fake = Fake::default();
+        fake.fail.store(true, Ordering::SeqCst);
+        let resp = route(&fake, &req("PUT", "/vm/migrate", r#"{"to": "h:1"}"#));
+        assert_eq!(resp.status, 502);
+        assert!(error_of(&resp).starts_with("migration failed: "));
     }
 }

@@ -5,22 +5,35 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use super::router::{ApiError, Control};
+use replication::migration::{self, Direction, ProgressHandle, Report};
+
+use super::router::{ApiError, Control, MigrateArgs};
 use super::{RunState, VmStatus, VmSummary};
+use crate::migration::Defaults;
 
 /// Controls a running [`vmm::Vm`] for the API.
 ///
 /// State changes are serialized by one lock, held while the VM pauses or
-/// resumes (milliseconds). A long operation (a snapshot; later migration)
+/// resumes (milliseconds). A long operation (a snapshot, a migration)
 /// instead records itself in [`Phase`] under the lock and releases it while
 /// it works, so that `GET /vm` is answered meanwhile; conflicting
 /// operations answer 409 until it is done.
 pub struct VmControl {
     vm: Arc<vmm::Vm>,
     summary: VmSummary,
-    started: Instant,
     events: Sender<vmm::VmEvent>,
-    phase: Mutex<Phase>,
+    migration: Defaults,
+    state: Mutex<State>,
+}
+
+/// What [`VmControl`]'s lock guards.
+struct State {
+    phase: Phase,
+    /// When the guest started (here); `None` while it waits for an
+    /// incoming migration.
+    started: Option<Instant>,
+    /// The migration running, or the last one.
+    migration: Option<ProgressHandle>,
 }
 
 /// Where the VM is, as far as the API is concerned.
@@ -31,16 +44,35 @@ enum Phase {
     /// A snapshot is being written: the VM is paused; afterwards it returns
     /// to the state held here.
     Snapshotting(RunState),
-    /// Asked to power off, or already ended: no more changes. Keeps the
-    /// state it had for `GET /vm`.
+    /// An outgoing migration runs: it pauses and resumes the VM itself.
+    Migrating,
+    /// The VM waits for (or receives) an incoming migration; it has not
+    /// run yet.
+    Incoming,
+    /// Asked to power off, or already ended (migrated, too): no more
+    /// changes. Keeps the state it had for `GET /vm`.
     Ending(RunState),
 }
 
-/// The 409 for an operation asked for while a snapshot is being written.
-fn busy(verb: &str) -> ApiError {
-    ApiError::conflict(format!(
-        "cannot {verb} the VM: a snapshot is being written; try again when it is done"
-    ))
+/// The 409 for an operation asked for in `phase`, or `None` if the VM is
+/// live.
+fn refusal(phase: Phase, verb: &str) -> Option<ApiError> {
+    let why = match phase {
+        Phase::Live(_) => return None,
+        Phase::Snapshotting(_) => {
+            "a snapshot is being written; try again when it is done".to_string()
+        }
+        Phase::Migrating if verb == "migrate" => "a migration is running already".to_string(),
+        Phase::Migrating => {
+            "a migration is running and controls the VM; try again when it is done (it fails or the VM ends)"
+                .to_string()
+        }
+        Phase::Incoming => {
+            "it waits for an incoming migration and runs once that completes".to_string()
+        }
+        Phase::Ending(_) => "it is shutting down".to_string(),
+    };
+    Some(ApiError::conflict(format!("cannot {verb} the VM: {why}")))
 }
 
 /// Checks that `dir` can take a snapshot: it does not exist yet (it is
@@ -71,30 +103,90 @@ pub fn check_snapshot_dir(dir: &Path) -> Result<(), String> {
 
 impl VmControl {
     /// Controls `vm`, started at `started` with the configuration
-    /// summarized by `summary`.
-    pub fn new(vm: Arc<vmm::Vm>, summary: VmSummary, started: Instant) -> VmControl {
+    /// summarized by `summary`; its migrations use `migration`.
+    pub fn new(
+        vm: Arc<vmm::Vm>,
+        summary: VmSummary,
+        migration: Defaults,
+        started: Instant,
+    ) -> VmControl {
+        Self::build(
+            vm,
+            summary,
+            migration,
+            State {
+                phase: Phase::Live(RunState::Running),
+                started: Some(started),
+                migration: None,
+            },
+        )
+    }
+
+    /// Controls `vm`, which waits for the incoming migration reporting
+    /// into `progress`; [`VmControl::incoming_completed`] once it runs.
+    pub fn incoming(
+        vm: Arc<vmm::Vm>,
+        summary: VmSummary,
+        migration: Defaults,
+        progress: ProgressHandle,
+    ) -> VmControl {
+        Self::build(
+            vm,
+            summary,
+            migration,
+            State {
+                phase: Phase::Incoming,
+                started: None,
+                migration: Some(progress),
+            },
+        )
+    }
+
+    fn build(vm: Arc<vmm::Vm>, summary: VmSummary, migration: Defaults, state: State) -> Self {
         let events = vm.event_sender();
         VmControl {
             vm,
             summary,
-            started,
             events,
-            phase: Mutex::new(Phase::Live(RunState::Running)),
+            migration,
+            state: Mutex::new(state),
+        }
+    }
+
+    /// Records that the incoming migration completed: the VM is live, as
+    /// it was on the source (running or paused).
+    pub fn incoming_completed(&self) {
+        let mut st = self.lock();
+        if st.phase == Phase::Incoming {
+            st.phase = Phase::Live(self.current_state());
+            st.started = Some(Instant::now());
         }
     }
 
     /// Records that the VM has ended: every later change is refused.
     pub fn mark_ended(&self) {
-        let mut phase = self.lock();
-        match *phase {
-            Phase::Live(state) => *phase = Phase::Ending(state),
-            Phase::Snapshotting(_) => *phase = Phase::Ending(RunState::Paused),
-            Phase::Ending(_) => {}
-        }
+        let mut st = self.lock();
+        st.phase = match st.phase {
+            Phase::Live(state) => Phase::Ending(state),
+            Phase::Snapshotting(_) | Phase::Migrating | Phase::Incoming => {
+                Phase::Ending(RunState::Paused)
+            }
+            Phase::Ending(state) => Phase::Ending(state),
+        };
     }
 
-    fn lock(&self) -> MutexGuard<'_, Phase> {
-        self.phase.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the VM runs, as the VM itself says (for phases in which a
+    /// migration pauses and resumes it).
+    fn current_state(&self) -> RunState {
+        if self.vm.is_paused() {
+            RunState::Paused
+        } else {
+            RunState::Running
+        }
     }
 
     /// Moves a live VM to `target` with `change`; nothing to do if it is
@@ -105,34 +197,48 @@ impl VmControl {
         verb: &str,
         change: impl FnOnce(&vmm::Vm) -> Result<(), vmm::Error>,
     ) -> Result<(), ApiError> {
-        let mut phase = self.lock();
-        match *phase {
-            Phase::Ending(_) => Err(ApiError::conflict(format!(
-                "cannot {verb} the VM: it is shutting down"
-            ))),
-            Phase::Snapshotting(_) => Err(busy(verb)),
-            Phase::Live(state) if state == target => Ok(()),
-            Phase::Live(_) => {
-                change(&self.vm).map_err(|e| {
-                    ApiError::internal(format!("cannot {verb} the VM: {}", crate::error_chain(&e)))
-                })?;
-                *phase = Phase::Live(target);
-                Ok(())
-            }
+        let mut st = self.lock();
+        if let Some(e) = refusal(st.phase, verb) {
+            return Err(e);
         }
+        if st.phase == Phase::Live(target) {
+            return Ok(());
+        }
+        change(&self.vm).map_err(|e| {
+            ApiError::internal(format!("cannot {verb} the VM: {}", crate::error_chain(&e)))
+        })?;
+        st.phase = Phase::Live(target);
+        Ok(())
     }
+}
+
+/// Resumes `vm`, first taking back its taps and disks if a migration whose
+/// outcome is unknown left them released: this fails while the
+/// destination holds them (a tap is busy, a disk image locked), so a guest
+/// that runs there is not resumed here too.
+fn resume(vm: &vmm::Vm) -> Result<(), vmm::Error> {
+    if !vm.backends_attached() {
+        vm.attach_backends()?;
+    }
+    vm.resume()
 }
 
 impl Control for VmControl {
     fn status(&self) -> VmStatus {
-        let state = match *self.lock() {
+        let st = self.lock();
+        let state = match st.phase {
             Phase::Live(s) | Phase::Ending(s) => s,
             Phase::Snapshotting(_) => RunState::Paused,
+            Phase::Migrating | Phase::Incoming => self.current_state(),
         };
+        let uptime = st.started.map_or(0, |t| {
+            u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)
+        });
         VmStatus {
             state,
-            uptime_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            uptime_ms: uptime,
             summary: self.summary.clone(),
+            migration: st.migration.as_ref().map(ProgressHandle::get),
         }
     }
 
@@ -141,20 +247,37 @@ impl Control for VmControl {
     }
 
     fn resume(&self) -> Result<(), ApiError> {
-        self.transition(RunState::Running, "resume", vmm::Vm::resume)
+        self.transition(RunState::Running, "resume", resume)
     }
 
     fn power_off(&self) -> Result<(), ApiError> {
-        let mut phase = self.lock();
-        if let Phase::Snapshotting(_) = *phase {
-            return Err(busy("power off"));
-        }
-        if let Phase::Live(state) = *phase {
-            self.events
-                .send(vmm::VmEvent::PowerOff)
-                .map_err(|_| ApiError::conflict("the VM has already ended"))?;
-            *phase = Phase::Ending(state);
-        }
+        let mut st = self.lock();
+        let state = match st.phase {
+            Phase::Ending(_) => return Ok(()),
+            Phase::Live(state) => state,
+            // Nothing has arrived yet: the destination can simply stop.
+            Phase::Incoming
+                if st
+                    .migration
+                    .as_ref()
+                    .is_some_and(|p| p.get().phase == migration::Phase::Waiting) =>
+            {
+                RunState::Paused
+            }
+            Phase::Incoming => {
+                return Err(ApiError::conflict(
+                    "cannot power off the VM: an incoming migration is arriving; it runs once that completes",
+                ));
+            }
+            phase => {
+                return Err(refusal(phase, "power off")
+                    .unwrap_or_else(|| ApiError::conflict("cannot power off the VM now")));
+            }
+        };
+        self.events
+            .send(vmm::VmEvent::PowerOff)
+            .map_err(|_| ApiError::conflict("the VM has already ended"))?;
+        st.phase = Phase::Ending(state);
         Ok(())
     }
 
@@ -165,15 +288,12 @@ impl Control for VmControl {
         // Pause (if running) and record the snapshot under the lock, then
         // write it without holding the lock.
         let before = {
-            let mut phase = self.lock();
-            let state = match *phase {
-                Phase::Ending(_) => {
-                    return Err(ApiError::conflict(
-                        "cannot snapshot the VM: it is shutting down",
-                    ));
-                }
-                Phase::Snapshotting(_) => return Err(busy("snapshot")),
-                Phase::Live(state) => state,
+            let mut st = self.lock();
+            if let Some(e) = refusal(st.phase, "snapshot") {
+                return Err(e);
+            }
+            let Phase::Live(state) = st.phase else {
+                return Err(ApiError::conflict("cannot snapshot the VM now"));
             };
             check_snapshot_dir(to)
                 .map_err(|e| ApiError::internal(format!("cannot snapshot the VM: {e}")))?;
@@ -182,7 +302,7 @@ impl Control for VmControl {
                     .pause()
                     .map_err(|e| failed("cannot pause the VM for the snapshot", &e))?;
             }
-            *phase = Phase::Snapshotting(state);
+            st.phase = Phase::Snapshotting(state);
             state
         };
         let written = self.vm.snapshot_to(to).map_err(|e| {
@@ -191,23 +311,79 @@ impl Control for VmControl {
                 &e,
             )
         });
-        let mut phase = self.lock();
-        if !matches!(*phase, Phase::Snapshotting(_)) {
+        let mut st = self.lock();
+        if !matches!(st.phase, Phase::Snapshotting(_)) {
             // The VM ended meanwhile: nothing to resume.
             return written;
         }
         if before == RunState::Running
             && let Err(e) = self.vm.resume()
         {
-            *phase = Phase::Live(RunState::Paused);
+            st.phase = Phase::Live(RunState::Paused);
             let resume = failed("cannot resume the VM after the snapshot", &e);
             return Err(match written {
                 Ok(()) => resume,
                 Err(w) => ApiError::internal(format!("{}; {}", w.message, resume.message)),
             });
         }
-        *phase = Phase::Live(before);
+        st.phase = Phase::Live(before);
         written
+    }
+
+    fn migrate(&self, args: &MigrateArgs) -> Result<Report, ApiError> {
+        let progress = ProgressHandle::new(Direction::Outgoing, args.to.clone());
+        {
+            let mut st = self.lock();
+            if let Some(e) = refusal(st.phase, "migrate") {
+                return Err(e);
+            }
+            st.phase = Phase::Migrating;
+            st.migration = Some(progress.clone());
+        }
+        let params = migration::Params {
+            channels: args.channels,
+            downtime_budget: args.downtime,
+            max_rounds: args.max_rounds,
+            ..self.migration.params(args.verify)
+        };
+        tracing::info!(
+            to = %args.to,
+            channels = params.channels,
+            downtime_ms = args.downtime.as_millis(),
+            max_rounds = params.max_rounds,
+            verify = params.verify,
+            "migration started"
+        );
+        // The connection thread runs the whole migration; the lock is free
+        // meanwhile, so `GET /vm` shows its progress.
+        let result = migration::migrate(&self.vm, &args.to, &params, &progress);
+        let mut st = self.lock();
+        match result {
+            Ok(report) => {
+                // The guest lives on at the destination: this VM ends, and
+                // `twinvm run` exits once this response is written.
+                st.phase = Phase::Ending(RunState::Paused);
+                drop(st);
+                tracing::info!(
+                    to = %args.to,
+                    total_ms = report.total_ms,
+                    downtime_ms = report.downtime_ms,
+                    rounds = report.rounds,
+                    "migration completed"
+                );
+                self.vm.end_migrated();
+                Ok(report)
+            }
+            Err(e) => {
+                if st.phase == Phase::Migrating {
+                    st.phase = Phase::Live(self.current_state());
+                }
+                Err(ApiError::bad_gateway(format!(
+                    "migration failed: {}",
+                    replication::error_text(&e)
+                )))
+            }
+        }
     }
 }
 
@@ -224,6 +400,51 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create a temporary directory");
         dir
+    }
+
+    #[test]
+    fn only_a_live_vm_takes_changes() {
+        assert_eq!(refusal(Phase::Live(RunState::Paused), "pause"), None);
+        for (phase, verb, want) in [
+            (
+                Phase::Snapshotting(RunState::Running),
+                "migrate",
+                "cannot migrate the VM: a snapshot is being written",
+            ),
+            (
+                Phase::Migrating,
+                "migrate",
+                "cannot migrate the VM: a migration is running already",
+            ),
+            (
+                Phase::Migrating,
+                "pause",
+                "cannot pause the VM: a migration is running",
+            ),
+            (
+                Phase::Migrating,
+                "snapshot",
+                "cannot snapshot the VM: a migration is running",
+            ),
+            (
+                Phase::Incoming,
+                "resume",
+                "cannot resume the VM: it waits for an incoming migration",
+            ),
+            (
+                Phase::Ending(RunState::Paused),
+                "migrate",
+                "cannot migrate the VM: it is shutting down",
+            ),
+        ] {
+            let e = refusal(phase, verb).expect("refused");
+            assert_eq!(e.status, 409);
+            assert!(
+                e.message.starts_with(want),
+                "{phase:?} {verb}: {}",
+                e.message
+            );
+        }
     }
 
     #[test]
