@@ -825,3 +825,57 @@ fn ctl_snapshot_without_a_vm() {
     );
     assert!(!dir.path().join("snap").exists());
 }
+
+// ---- live migration (key and port are checked before the VM is built) ----
+
+#[test]
+fn incoming_on_a_port_in_use() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port");
+    let addr = taken.local_addr().expect("address").to_string();
+    reject(
+        &["run", "--incoming", &addr],
+        FAILURE,
+        &["--incoming", &addr, "address already in use"],
+    );
+    reject(
+        &["run", "--incoming", "4444"],
+        USAGE,
+        &["--incoming", "port"],
+    );
+    reject(
+        &["run", "--incoming", &addr, "--restore", "/snap"],
+        USAGE,
+        &["--incoming", "--restore"],
+    );
+}
+
+#[test]
+fn unusable_auth_key_files() {
+    let dir = TempDir::new("authkey");
+    let missing = dir.path().join("missing.key");
+    reject(
+        &["run", "--auth-key", path_str(&missing)],
+        FAILURE,
+        &[path_str(&missing), "no such file"],
+    );
+    let open = dir.write("open.key", [7u8; 32]);
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    reject(
+        &["run", "--auth-key", path_str(&open)],
+        FAILURE,
+        &[path_str(&open), "mode 0644", "chmod 600"],
+    );
+    let short = dir.write("short.key", [7u8; 8]);
+    std::fs::set_permissions(&short, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    reject(
+        &["run", "--auth-key", path_str(&short)],
+        FAILURE,
+        &[path_str(&short), "8 bytes", "at least 32"],
+    );
+    let cfg = dir.write("vm.toml", "[migration]\nauth_key = \"missing.key\"\n");
+    reject(
+        &["run", "--config", path_str(&cfg)],
+        FAILURE,
+        &[path_str(&missing), "no such file"],
+    );
+}
