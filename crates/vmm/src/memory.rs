@@ -117,12 +117,23 @@ impl DirtyBitmap {
 
     /// Guest addresses of the pages in the set, in ascending order.
     pub fn pages(&self) -> impl Iterator<Item = GuestAddress> + '_ {
+        // Set bits only, lowest first: empty words cost one test each.
         self.slots.iter().flat_map(|(base, words)| {
-            words.iter().enumerate().flat_map(move |(i, &word)| {
-                (0..64)
-                    .filter(move |bit| word & (1u64 << bit) != 0)
-                    .map(move |bit| base.unchecked_add((i as u64 * 64 + bit) * PAGE_SIZE))
-            })
+            words
+                .iter()
+                .enumerate()
+                .filter(|(_, w)| **w != 0)
+                .flat_map(move |(i, &word)| {
+                    let mut rest = word;
+                    std::iter::from_fn(move || {
+                        if rest == 0 {
+                            return None;
+                        }
+                        let bit = u64::from(rest.trailing_zeros());
+                        rest &= rest - 1;
+                        Some(base.unchecked_add((i as u64 * 64 + bit) * PAGE_SIZE))
+                    })
+                })
         })
     }
 
