@@ -168,8 +168,15 @@ fn greet(vm: &Vm, stream: TcpStream, params: &Params) -> Result<(Link, Peer, wir
     }
     let begin = wire::Begin::decode(&f.payload).map_err(protocol)?;
     let here = vm.fingerprint();
-    if let Err(e) = vmm::snapshot::check_fingerprint(&begin.fingerprint, &here) {
-        let text = e.to_string();
+    let refusal = match vmm::snapshot::check_fingerprint(&begin.fingerprint, &here) {
+        Err(e) => Some(e.to_string()),
+        Ok(()) if params.verify && begin.flags & wire::BEGIN_VERIFY == 0 => Some(
+            "this destination verifies migrations; the source must compute a digest too (migrate with verify)"
+                .to_string(),
+        ),
+        Ok(()) => None,
+    };
+    if let Some(text) = refusal {
         let _ = link.send(MsgType::MigAbort, &wire::encode_abort(&text));
         return Err(Error::Mismatch(text));
     }
@@ -355,15 +362,22 @@ fn receive(
         .map_err(link_err("setup"))?;
     let mut extra = accept_channels(vm, listener, params, peer, begin)?;
     let counters = Counters::default();
-    // Streams to shut down so that every thread stops when one fails.
+    // When one side fails, the others must stop: the page channels are
+    // shut down both ways, the control channel only for reading (that
+    // wakes its receiver, and the abort can still be sent on it).
+    let control_stream = control.stream().try_clone().map_err(Error::Thread)?;
     let mut streams = Vec::new();
-    for l in std::iter::once(&*control).chain(extra.iter()) {
-        streams.push(l.stream().try_clone().map_err(|e| Error::Thread(e))?);
+    for l in &extra {
+        streams.push(l.stream().try_clone().map_err(Error::Thread)?);
     }
-    let shutdown_all = || {
+    let stop_channels = || {
         for s in &streams {
             let _ = s.shutdown(Shutdown::Both);
         }
+    };
+    let shutdown_all = || {
+        stop_channels();
+        let _ = control_stream.shutdown(Shutdown::Read);
     };
 
     let (state_frame, transfer) = std::thread::scope(|s| {
@@ -385,7 +399,7 @@ fn receive(
         }
         let control_result = receive_control(vm, control, &counters, progress, started);
         if control_result.is_err() || handles.iter().any(|h| h.is_err()) {
-            shutdown_all();
+            stop_channels();
         }
         let mut channel_result = Ok(());
         for h in handles {
