@@ -532,18 +532,25 @@ impl NetNs {
     /// Runs `f` on a thread that has entered the namespace, so sockets it
     /// opens live there.
     pub fn run_in<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        self.run_in_scoped(f)
+    }
+
+    /// [`NetNs::run_in`] for a closure that borrows from the caller.
+    pub fn run_in_scoped<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
         let path = format!("/var/run/netns/{}", self.name);
-        thread::spawn(move || {
-            let file =
-                std::fs::File::open(&path).unwrap_or_else(|e| panic!("cannot open {path}: {e}"));
-            // SAFETY: setns with a namespace fd we own; it changes only this
-            // thread's network namespace.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
+        thread::scope(|s| {
+            s.spawn(move || {
+                let file = std::fs::File::open(&path)
+                    .unwrap_or_else(|e| panic!("cannot open {path}: {e}"));
+                // SAFETY: setns with a namespace fd we own; it changes only
+                // this thread's network namespace.
+                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+                f()
+            })
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
         })
-        .join()
-        .unwrap_or_else(|e| std::panic::resume_unwind(e))
     }
 }
 

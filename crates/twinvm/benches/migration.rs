@@ -1,0 +1,373 @@
+//! Live-migration benchmark: downtime (p50/p99) and total time of
+//! migrations between two `twinvm` processes on this machine, for 1 GiB
+//! and 4 GiB guests, idle and with the test guest dirtying memory at fixed
+//! rates; the split of the downtime; and the page-transfer throughput of a
+//! guest with 512 MiB of data, next to the loopback TCP throughput measured
+//! in the same run (the physical limit here).
+//!
+//! `cargo bench -p twinvm --bench migration` prints a Markdown report and
+//! writes it into `docs/performance.md` between the `bench:migration`
+//! markers. `TWINVM_BENCH_MIGRATIONS` sets the migrations per scenario
+//! (default 10, at least 10); `TWINVM_BENCH_SIZES` the guest sizes in GiB
+//! (default `1,4`). Migrations go over 127.0.0.1 only.
+
+mod report;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::time::{Duration, Instant};
+
+use report::{median, percentile, write_docs_section};
+
+const BIN: &str = env!("CARGO_BIN_EXE_twinvm");
+const T: Duration = Duration::from_secs(120);
+/// First TCP port the destinations listen on (one per migration).
+const FIRST_PORT: u16 = 47_300;
+const SPLIT: [&str; 8] = [
+    "vcpu_stop_ms",
+    "dirty_log_ms",
+    "last_pages_ms",
+    "state_save_ms",
+    "state_transfer_ms",
+    "state_load_ms",
+    "handover_ms",
+    "resume_ms",
+];
+
+/// A `twinvm run` process with its console lines on a channel.
+struct Vm {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Receiver<String>,
+    socket: PathBuf,
+}
+
+impl Vm {
+    fn spawn(dir: &Path, name: &str, gib: u64, cmdline: &str, incoming: Option<u16>) -> Vm {
+        let socket = dir.join(format!("{name}.sock"));
+        let mut cmd = Command::new(BIN);
+        cmd.args(["run", "--memory", &format!("{gib}G"), "--cmdline", cmdline])
+            .args(["--api-socket", socket.to_str().expect("UTF-8 path")]);
+        if let Some(port) = incoming {
+            cmd.args(["--incoming", &format!("127.0.0.1:{port}")]);
+        }
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn twinvm");
+        let stdin = child.stdin.take().expect("stdin");
+        let out = BufReader::new(child.stdout.take().expect("stdout"));
+        let (tx, lines) = channel();
+        std::thread::spawn(move || {
+            for line in out.lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    // Nobody listens any more; keep draining the pipe.
+                }
+            }
+        });
+        let deadline = Instant::now() + T;
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "{name}: no API socket");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Vm {
+            child,
+            stdin,
+            lines,
+            socket,
+        }
+    }
+
+    fn line(&self, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + T;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if pred(&l) => return l,
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) => panic!("no matching console line in {T:?}"),
+                Err(RecvTimeoutError::Disconnected) => panic!("twinvm exited"),
+            }
+        }
+    }
+
+    fn send(&mut self, line: &str) {
+        self.stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .expect("write to the console");
+    }
+
+    fn wait_exit(mut self) {
+        let deadline = Instant::now() + T;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                assert!(status.success(), "twinvm ended with {status}");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        panic!("twinvm did not exit");
+    }
+
+    fn power_off(mut self) {
+        self.send("poweroff");
+        self.wait_exit();
+    }
+}
+
+/// `twinvm ctl --socket S migrate --to 127.0.0.1:PORT ARGS` → its report.
+fn migrate(vm: &Vm, port: u16, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(BIN)
+        .args(["ctl", "--socket", vm.socket.to_str().expect("UTF-8 path")])
+        .args(["migrate", "--to", &format!("127.0.0.1:{port}")])
+        .args(args)
+        .output()
+        .expect("run twinvm ctl");
+    assert!(
+        out.status.success(),
+        "migrate failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("the report is JSON")
+}
+
+fn f(v: &serde_json::Value, key: &str) -> f64 {
+    v[key].as_f64().unwrap_or_else(|| panic!("no {key} in {v}"))
+}
+
+/// Results of one scenario.
+struct Scenario {
+    name: String,
+    downtime: Vec<f64>,
+    total: Vec<f64>,
+    rounds: Vec<f64>,
+    last_pages: Vec<f64>,
+    split: Vec<Vec<f64>>,
+    throughput: Vec<f64>,
+}
+
+/// Migrates a guest back and forth `n` times: each migration goes to a
+/// fresh `--incoming` process, which becomes the next source.
+#[allow(clippy::too_many_arguments)]
+fn run_scenario(
+    dir: &Path,
+    name: &str,
+    gib: u64,
+    cmdline: &str,
+    n: usize,
+    port: &mut u16,
+    prepare: impl FnOnce(&mut Vm),
+    args: &[&str],
+) -> Scenario {
+    let mut vm = Vm::spawn(dir, &format!("{name}-0"), gib, cmdline, None);
+    vm.line(|l| l.starts_with("counter="));
+    prepare(&mut vm);
+    let mut s = Scenario {
+        name: name.to_string(),
+        downtime: vec![],
+        total: vec![],
+        rounds: vec![],
+        last_pages: vec![],
+        split: vec![vec![]; SPLIT.len()],
+        throughput: vec![],
+    };
+    for i in 1..=n {
+        *port += 1;
+        let dest = Vm::spawn(dir, &format!("{name}-{i}"), gib, cmdline, Some(*port));
+        let r = migrate(&vm, *port, args);
+        vm.wait_exit();
+        s.downtime.push(f(&r, "downtime_ms"));
+        s.total.push(f(&r, "total_ms"));
+        s.rounds.push(f(&r, "rounds"));
+        s.last_pages.push(f(&r, "last_round_pages"));
+        s.throughput.push(f(&r, "throughput_bytes_per_s"));
+        for (k, col) in SPLIT.iter().zip(&mut s.split) {
+            col.push(f(&r["split"], k));
+        }
+        vm = dest;
+        // The guest runs on: the next migration starts from a live guest.
+        vm.line(|l| l.starts_with("counter="));
+        eprintln!(
+            "{name} #{i}: downtime {:.2} ms, total {:.0} ms, {} rounds",
+            f(&r, "downtime_ms"),
+            f(&r, "total_ms"),
+            r["rounds"]
+        );
+    }
+    vm.power_off();
+    s
+}
+
+/// Loopback TCP throughput, bytes per second: one stream, 256 KiB writes,
+/// `bytes` in all.
+fn loopback(bytes: usize) -> f64 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    let addr = l.local_addr().unwrap();
+    let reader = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let mut buf = vec![0u8; 256 << 10];
+        let mut got = 0;
+        while got < bytes {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) => panic!("loopback read: {e}"),
+            }
+        }
+        got
+    });
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_nodelay(true).unwrap();
+    let buf = vec![0x5au8; 256 << 10];
+    let start = Instant::now();
+    let mut sent = 0;
+    while sent < bytes {
+        s.write_all(&buf).unwrap();
+        sent += buf.len();
+    }
+    let got = reader.join().unwrap();
+    got as f64 / start.elapsed().as_secs_f64()
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let n: usize = std::env::var("TWINVM_BENCH_MIGRATIONS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10)
+        .max(10);
+    let sizes: Vec<u64> = std::env::var("TWINVM_BENCH_SIZES")
+        .unwrap_or_else(|_| "1,4".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let dir = std::env::temp_dir().join(format!("twinvm-bench-migration-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let mut port = FIRST_PORT;
+    let mut scenarios = Vec::new();
+
+    for &gib in &sizes {
+        for (label, rate) in [
+            ("idle", 0u64),
+            ("1000 pages/s", 1000),
+            ("5000 pages/s", 5000),
+        ] {
+            let cmdline = format!("dirty_rate={rate} dirty_mb=64");
+            scenarios.push(run_scenario(
+                &dir,
+                &format!("{gib} GiB, {label}"),
+                gib,
+                &cmdline,
+                n,
+                &mut port,
+                |_| {},
+                &[],
+            ));
+        }
+    }
+
+    // Throughput: 512 MiB of guest data, written by the guest (random
+    // pages, three times over, so nearly every page holds data), then the
+    // guest is quiet while it migrates.
+    let mut loop_rates: Vec<f64> = (0..3).map(|_| loopback(2 << 30)).collect();
+    let loop_bw = median(&mut loop_rates);
+    let fill = |vm: &mut Vm| {
+        vm.send("dirty 200000");
+        vm.line(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("dirtied="))
+                .and_then(|d| d.parse::<u64>().ok())
+                .is_some_and(|d| d >= 3 * 131_072)
+        });
+        vm.send("dirty 0");
+        vm.line(|l| l == "dirty_rate=0");
+    };
+    let mut tput = Vec::new();
+    for channels in [1u16, 2] {
+        let ch = channels.to_string();
+        let s = run_scenario(
+            &dir,
+            &format!("1 GiB, 512 MiB of data, {channels} channel(s)"),
+            1,
+            "dirty_rate=0 dirty_mb=512",
+            n.min(10),
+            &mut port,
+            fill,
+            &["--channels", &ch],
+        );
+        tput.push(s);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let mut table = String::from(
+        "| scenario | downtime p50 | downtime p99 | downtime max | total p50 | rounds p50 | pages in pause p50 |\n|---|---|---|---|---|---|---|\n",
+    );
+    let mut split_table = format!(
+        "| scenario | {} |\n|---|{}\n",
+        SPLIT
+            .iter()
+            .map(|s| s.trim_end_matches("_ms").replace('_', " "))
+            .collect::<Vec<_>>()
+            .join(" | "),
+        "---|".repeat(SPLIT.len())
+    );
+    for s in scenarios.iter_mut().chain(tput.iter_mut()) {
+        s.downtime.sort_by(f64::total_cmp);
+        s.total.sort_by(f64::total_cmp);
+        table.push_str(&format!(
+            "| {} | {:.2} ms | {:.2} ms | {:.2} ms | {:.0} ms | {:.0} | {:.0} |\n",
+            s.name,
+            percentile(&s.downtime, 0.5),
+            percentile(&s.downtime, 0.99),
+            s.downtime.last().copied().unwrap_or(f64::NAN),
+            percentile(&s.total, 0.5),
+            median(&mut s.rounds),
+            median(&mut s.last_pages),
+        ));
+        let cols: Vec<String> = s
+            .split
+            .iter_mut()
+            .map(|c| format!("{:.2}", median(c)))
+            .collect();
+        split_table.push_str(&format!("| {} | {} |\n", s.name, cols.join(" | ")));
+    }
+    let mut tput_table = format!(
+        "| transfer | throughput (median) | share of loopback |\n|---|---|---|\n| loopback TCP, 1 stream (median of 3 × 2 GiB) | {:.0} MB/s | 100 % |\n",
+        loop_bw / 1e6
+    );
+    for s in &mut tput {
+        let t = median(&mut s.throughput);
+        tput_table.push_str(&format!(
+            "| {} | {:.0} MB/s | {:.0} % |\n",
+            s.name,
+            t / 1e6,
+            100.0 * t / loop_bw
+        ));
+    }
+    let body = format!(
+        "{machine}\n\
+         Command: `cargo bench -p twinvm --bench migration` ({n} migrations per scenario, each to a new \
+         `twinvm run --incoming` process on 127.0.0.1, 1 vCPU, downtime budget 50 ms, 1 channel unless \
+         stated). Downtime is measured by the source from pausing the guest until the destination \
+         reports it running; the dirtying rates are the test guest's `dirty_rate` over a 64 MiB area.\n\n\
+         {table}\n\
+         Median split of the downtime, in ms (source: vCPU stop, dirty log, last pages, state save, \
+         handover; destination: state transfer, state load, resume):\n\n\
+         {split_table}\n\
+         Page-transfer throughput of the pre-copy rounds (page contents moved per second) against \
+         loopback TCP measured in the same run:\n\n\
+         {tput_table}",
+        machine = report::machine_line(),
+    );
+    println!("{body}");
+    write_docs_section("migration", &body);
+}
