@@ -75,6 +75,8 @@ pub enum MsgType {
     MigAbort,
     /// Migration: the source's report of the completed migration.
     MigSummary,
+    /// Migration: the destination has applied every page of a round.
+    MigRoundAck,
     /// A type this build does not know.
     Unknown(u16),
 }
@@ -101,6 +103,7 @@ impl MsgType {
             MsgType::MigResumed => 0x010a,
             MsgType::MigAbort => 0x010b,
             MsgType::MigSummary => 0x010c,
+            MsgType::MigRoundAck => 0x010d,
             MsgType::Unknown(v) => v,
         }
     }
@@ -126,6 +129,7 @@ impl MsgType {
             0x010a => MsgType::MigResumed,
             0x010b => MsgType::MigAbort,
             0x010c => MsgType::MigSummary,
+            0x010d => MsgType::MigRoundAck,
             other => MsgType::Unknown(other),
         }
     }
@@ -232,6 +236,13 @@ pub enum FrameError {
     Io(#[source] io::Error),
 }
 
+impl FrameError {
+    /// The error for a failed read or write on the link's stream.
+    pub fn from_io(e: io::Error) -> FrameError {
+        map_io(e)
+    }
+}
+
 fn map_io(e: io::Error) -> FrameError {
     match e.kind() {
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => FrameError::Timeout,
@@ -253,8 +264,9 @@ fn read_full<R: Read + ?Sized>(r: &mut R, buf: &mut [u8]) -> Result<usize, Frame
     Ok(got)
 }
 
-/// Reads one frame. End of stream before the first header byte is [`FrameError::Closed`].
-pub fn read_frame<R: Read + ?Sized>(r: &mut R, max_payload: u32) -> Result<Frame, FrameError> {
+/// Reads and checks one frame header. End of stream before its first byte
+/// is [`FrameError::Closed`].
+pub fn read_header<R: Read + ?Sized>(r: &mut R, max_payload: u32) -> Result<Header, FrameError> {
     let mut hb = [0u8; HEADER_LEN];
     let got = read_full(r, &mut hb)?;
     if got == 0 {
@@ -263,13 +275,27 @@ pub fn read_frame<R: Read + ?Sized>(r: &mut R, max_payload: u32) -> Result<Frame
     if got < HEADER_LEN {
         return Err(FrameError::TruncatedHeader { got });
     }
-    let header = Header::decode(&hb, max_payload)?;
-    let len = header.payload_len as usize;
-    let mut payload = vec![0u8; len];
-    let got = read_full(r, &mut payload)?;
-    if got < len {
-        return Err(FrameError::TruncatedPayload { got, expected: len });
+    Header::decode(&hb, max_payload)
+}
+
+/// Fills `buf` with payload bytes; end of stream first is
+/// [`FrameError::TruncatedPayload`].
+pub fn read_payload<R: Read + ?Sized>(r: &mut R, buf: &mut [u8]) -> Result<(), FrameError> {
+    let got = read_full(r, buf)?;
+    if got < buf.len() {
+        return Err(FrameError::TruncatedPayload {
+            got,
+            expected: buf.len(),
+        });
     }
+    Ok(())
+}
+
+/// Reads one frame. End of stream before the first header byte is [`FrameError::Closed`].
+pub fn read_frame<R: Read + ?Sized>(r: &mut R, max_payload: u32) -> Result<Frame, FrameError> {
+    let header = read_header(r, max_payload)?;
+    let mut payload = vec![0u8; header.payload_len as usize];
+    read_payload(r, &mut payload)?;
     Ok(Frame { header, payload })
 }
 

@@ -250,6 +250,45 @@ impl Link {
         }
     }
 
+    /// Receives the next frame's header only, with the checks of
+    /// [`Link::recv`] (sequence, version, unknown types; unknown optional
+    /// frames are skipped). The caller must then consume exactly
+    /// `payload_len` bytes — [`Link::read_payload`], or reads of its own on
+    /// [`Link::stream`] — before anything else is received. This lets a
+    /// receiver put a large payload straight where it belongs.
+    pub fn recv_header(&mut self) -> Result<Header, LinkError> {
+        loop {
+            let h = frame::read_header(&mut self.stream, self.config.max_payload)?;
+            if h.sequence != self.rx_seq {
+                return Err(LinkError::Sequence {
+                    got: h.sequence,
+                    expected: self.rx_seq,
+                });
+            }
+            self.rx_seq += 1;
+            if h.version != self.version {
+                return Err(LinkError::Version {
+                    got: h.version,
+                    expected: self.version,
+                });
+            }
+            match h.msg_type {
+                MsgType::Unknown(_) if h.is_optional() => {
+                    let mut skip = vec![0u8; h.payload_len as usize];
+                    self.read_payload(&mut skip)?;
+                }
+                MsgType::Unknown(t) => return Err(LinkError::UnknownMandatory(t)),
+                _ => return Ok(h),
+            }
+        }
+    }
+
+    /// Reads payload bytes of the frame whose header
+    /// [`Link::recv_header`] returned.
+    pub fn read_payload(&mut self, buf: &mut [u8]) -> Result<(), LinkError> {
+        Ok(frame::read_payload(&mut self.stream, buf)?)
+    }
+
     /// Test hook: the version this link writes into its frames.
     #[doc(hidden)]
     pub fn set_wire_version_for_tests(&mut self, version: u16) {

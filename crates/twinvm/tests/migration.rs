@@ -71,11 +71,14 @@ fn spawn(ns: &NetNs, dir: &Path, name: &str, extra: &[&str], env: &[(&str, &str)
     }
 }
 
-/// A source VM, booted and on the network.
+/// A source VM, booted, on the network, and one second into its
+/// dirtying workload (so that it has thousands of pages with data: a
+/// migration takes several page batches).
 fn source(ns: &NetNs, dir: &Path, env: &[(&str, &str)]) -> Side {
     let mut s = spawn(ns, dir, "source", &[], env);
     s.vm.wait_for_line(|l| l == BANNER, T).unwrap();
     s.vm.wait_for_line(|l| l.starts_with("net0 "), T).unwrap();
+    s.vm.wait_for_line(is_counter, T).unwrap();
     s
 }
 
@@ -201,7 +204,6 @@ fn tcp_connection_and_counter_survive_live_migration() {
     let ns = NetNs::new("mig");
     let dir = TempDir::new("mig");
     let mut src = source(&ns, dir.path(), &[]);
-    src.vm.wait_for_line(is_counter, T).unwrap();
     let mut dst = destination(&ns, dir.path(), "dest", 0, &["--verify-migration"], &[]);
 
     let done = AtomicBool::new(false);
@@ -284,7 +286,7 @@ fn destination_dying_mid_transfer_leaves_the_source_running() {
         "dying",
         0,
         &[],
-        &[("TWINVM_TEST_MIGRATION_DIE_AFTER_PAGES", "50")],
+        &[("TWINVM_TEST_MIGRATION_DIE_AFTER_PAGES", "300")],
     );
     let (status, out, err) = migrate(&ns, &src, 0, &[]);
     assert_eq!(status.code(), Some(1), "{out}\n{err}");
@@ -322,7 +324,7 @@ fn source_dying_mid_transfer_stops_the_destination_without_running_the_guest() {
     let mut src = source(
         &ns,
         dir.path(),
-        &[("TWINVM_TEST_MIGRATION_DIE_AFTER_PAGES", "50")],
+        &[("TWINVM_TEST_MIGRATION_DIE_AFTER_PAGES", "300")],
     );
     let mut dst = destination(&ns, dir.path(), "dest", 0, &[], &[]);
     let (status, _, _) = migrate(&ns, &src, 0, &[]);

@@ -2,15 +2,17 @@
 
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm::{StateDigest, Vm, VmId};
 
-use super::wire::{self, PAGE_SIZE, Pages};
+use super::wire::{self, PAGE_SIZE};
 use super::{Error, Params, Phase, ProgressHandle, Report, link_err, ms, vm_err};
-use crate::frame::{Frame, MsgType};
+use crate::frame::{Frame, Header, MsgType};
 use crate::handshake::{self, HandshakeConfig, Peer, Role};
 use crate::link::{Link, LinkConfig};
 
@@ -274,45 +276,76 @@ fn wait_readable(listener: &TcpListener, limit: Duration) -> bool {
     n > 0
 }
 
-/// Writes one `MigPages` payload into guest memory. Returns the pages.
-fn apply_pages(vm: &Vm, frame: &Frame, counters: &Counters) -> Result<(), Error> {
+/// Reads the payload of a non-page message (bounded by the link's
+/// maximum payload).
+fn payload(link: &mut Link, h: &Header) -> Result<Vec<u8>, Error> {
+    let mut buf = vec![0u8; h.payload_len as usize];
+    link.read_payload(&mut buf)
+        .map_err(link_err("page transfer"))?;
+    Ok(buf)
+}
+
+/// Reads one `MigPages` payload of `len` bytes from `link` straight into
+/// guest memory: the count and entries first, every address checked
+/// before any data is read, then the pages' contents with `readv` into
+/// their places (marked dirty like every VMM write). Zero pages are
+/// written only where the page is not zero already, so untouched pages
+/// stay unallocated.
+fn receive_pages(vm: &Vm, link: &mut Link, len: u32, counters: &Counters) -> Result<(), Error> {
     static ZERO: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+    let len = len as usize;
+    let read =
+        |link: &mut Link, buf: &mut [u8]| link.read_payload(buf).map_err(link_err("page transfer"));
+    let mut count = [0u8; 4];
+    if len < count.len() {
+        return Err(Error::Protocol(format!("MigPages payload of {len} bytes")));
+    }
+    read(link, &mut count)?;
+    let n = u32::from_le_bytes(count) as usize;
+    if n > wire::MAX_BATCH || len < 4 + 8 * n {
+        return Err(Error::Protocol(format!(
+            "MigPages with {n} pages in {len} bytes"
+        )));
+    }
+    let mut raw = [0u8; 8 * wire::MAX_BATCH];
+    read(link, &mut raw[..8 * n])?;
+    let entries = wire::decode_page_entries(len, &raw[..8 * n]).map_err(protocol)?;
     let mem = vm.memory();
-    let pages = Pages::decode(&frame.payload).map_err(protocol)?;
-    for p in pages.iter() {
-        let addr = GuestAddress(p.gpa);
-        // Pages are page-aligned and RAM regions too: a page whose start is
-        // in RAM lies wholly in one region.
-        if !mem.address_in_range(addr) {
-            return Err(Error::Protocol(format!(
-                "page {:#x} is outside guest RAM",
-                p.gpa
-            )));
+    let mut iov = Vec::with_capacity(n);
+    for &(gpa, zero) in &entries {
+        // Page-aligned addresses in page-aligned regions: a page whose
+        // start is in RAM lies wholly in one region.
+        let slice = mem
+            .get_slice(GuestAddress(gpa), PAGE_SIZE)
+            .map_err(|_| Error::Protocol(format!("page {gpa:#x} is outside guest RAM")))?;
+        if !zero {
+            slice.bitmap().mark_dirty(0, PAGE_SIZE);
+            iov.push(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: PAGE_SIZE,
+            });
         }
-        let write = |data: &[u8]| {
-            mem.write_slice(data, addr)
-                .map_err(|e| Error::Protocol(format!("cannot write page {:#x}: {e}", p.gpa)))
-        };
-        match p.data {
-            Some(data) => {
-                write(data)?;
-                counters.pages.fetch_add(1, Ordering::Relaxed);
-            }
-            None => {
-                // Only write zeros over a page that is not zero already, so
-                // untouched pages stay unallocated.
-                let mut cur = [0u8; PAGE_SIZE];
-                mem.read_slice(&mut cur, addr)
-                    .map_err(|e| Error::Protocol(format!("cannot read page {:#x}: {e}", p.gpa)))?;
-                if !wire::is_zero(&cur) {
-                    write(&ZERO)?;
-                }
-                counters.zero.fetch_add(1, Ordering::Relaxed);
+    }
+    read_into_iovecs(link, &mut iov)?;
+    for &(gpa, zero) in &entries {
+        if zero {
+            let addr = GuestAddress(gpa);
+            let mut cur = [0u8; PAGE_SIZE];
+            mem.read_slice(&mut cur, addr)
+                .map_err(|e| Error::Protocol(format!("cannot read page {gpa:#x}: {e}")))?;
+            if !wire::is_zero(&cur) {
+                mem.write_slice(&ZERO, addr)
+                    .map_err(|e| Error::Protocol(format!("cannot write page {gpa:#x}: {e}")))?;
             }
         }
     }
+    let data = entries.iter().filter(|(_, z)| !z).count() as u64;
+    counters.pages.fetch_add(data, Ordering::Relaxed);
+    counters
+        .zero
+        .fetch_add(entries.len() as u64 - data, Ordering::Relaxed);
     counters.bytes.fetch_add(
-        frame.payload.len() as u64 + crate::frame::HEADER_LEN as u64,
+        len as u64 + crate::frame::HEADER_LEN as u64,
         Ordering::Relaxed,
     );
     super::maybe_die(
@@ -322,17 +355,134 @@ fn apply_pages(vm: &Vm, frame: &Frame, counters: &Counters) -> Result<(), Error>
     Ok(())
 }
 
-/// Receives pages on an extra channel until its `MigChannelEnd`.
-fn receive_channel(vm: &Vm, link: &mut Link, counters: &Counters) -> Result<(), Error> {
-    loop {
-        let f = link.recv().map_err(link_err("page transfer"))?;
-        match f.msg_type() {
-            MsgType::MigPages => apply_pages(vm, &f, counters)?,
-            MsgType::MigChannelEnd => {
-                wire::decode_u64s::<1>("MigChannelEnd", &f.payload).map_err(protocol)?;
+/// Fills the memory `iov` describes from the link's stream, with as few
+/// `readv` calls as the data's arrival allows.
+fn read_into_iovecs(link: &Link, iov: &mut [libc::iovec]) -> Result<(), Error> {
+    let fd = link.stream().as_raw_fd();
+    let mut first = 0;
+    while first < iov.len() {
+        let rest = &mut iov[first..];
+        let count = rest.len().min(1024) as libc::c_int;
+        // SAFETY: every iovec points into guest RAM (checked by get_slice,
+        // a live mapping owned by the VM, which outlives this call) or into
+        // the remainder of such a page; readv writes at most iov_len bytes
+        // to each. The guest does not run while an incoming migration
+        // writes its memory.
+        let n = unsafe { libc::readv(fd, rest.as_ptr(), count) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(link_err("page transfer")(
+                crate::frame::FrameError::from_io(e).into(),
+            ));
+        }
+        if n == 0 {
+            return Err(link_err("page transfer")(
+                crate::frame::FrameError::TruncatedPayload {
+                    got: 0,
+                    expected: rest.iter().map(|v| v.iov_len).sum(),
+                }
+                .into(),
+            ));
+        }
+        let mut n = n as usize;
+        while n > 0 && first < iov.len() {
+            let v = &mut iov[first];
+            if n >= v.iov_len {
+                n -= v.iov_len;
+                first += 1;
+            } else {
+                // SAFETY: advancing within the same page, n < iov_len.
+                v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n).cast() };
+                v.iov_len -= n;
+                n = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// How far each page channel has got: the control channel acknowledges a
+/// round only when every channel has passed its end marker.
+struct RoundSync {
+    rounds: Mutex<Vec<u32>>,
+    changed: Condvar,
+    failed: AtomicBool,
+}
+
+impl RoundSync {
+    fn new(channels: usize) -> Self {
+        RoundSync {
+            rounds: Mutex::new(vec![0; channels]),
+            changed: Condvar::new(),
+            failed: AtomicBool::new(false),
+        }
+    }
+
+    fn reached(&self, channel: usize, round: u32) {
+        let mut r = self.rounds.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = r.get_mut(channel) {
+            *slot = round;
+        }
+        self.changed.notify_all();
+    }
+
+    fn fail(&self) {
+        self.failed.store(true, Ordering::SeqCst);
+        self.changed.notify_all();
+    }
+
+    /// Waits until every channel has passed round `round`.
+    fn wait(&self, round: u32, timeout: Duration) -> Result<(), Error> {
+        let deadline = Instant::now() + timeout;
+        let mut r = self.rounds.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if self.failed.load(Ordering::SeqCst) {
+                return Err(Error::Protocol("a page channel failed".into()));
+            }
+            if r.iter().all(|&x| x >= round) {
                 return Ok(());
             }
-            MsgType::MigAbort => return Err(Error::PeerAborted(wire::decode_abort(&f.payload))),
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::Protocol(format!(
+                    "the page channels did not finish round {round} within {timeout:?}"
+                )));
+            }
+            r = self
+                .changed
+                .wait_timeout(r, left.min(Duration::from_millis(100)))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+/// Receives pages on extra channel `index` until its `MigChannelEnd`.
+fn receive_channel(
+    vm: &Vm,
+    link: &mut Link,
+    index: usize,
+    counters: &Counters,
+    sync: &RoundSync,
+) -> Result<(), Error> {
+    loop {
+        let h = link.recv_header().map_err(link_err("page transfer"))?;
+        match h.msg_type {
+            MsgType::MigPages => receive_pages(vm, link, h.payload_len, counters)?,
+            MsgType::MigRoundEnd => {
+                let r = wire::RoundEnd::decode(&payload(link, &h)?).map_err(protocol)?;
+                sync.reached(index, r.round);
+            }
+            MsgType::MigChannelEnd => {
+                wire::decode_u64s::<1>("MigChannelEnd", &payload(link, &h)?).map_err(protocol)?;
+                return Ok(());
+            }
+            MsgType::MigAbort => {
+                return Err(Error::PeerAborted(wire::decode_abort(&payload(link, &h)?)));
+            }
             other => {
                 return Err(Error::Protocol(format!(
                     "unexpected {other:?} on a page channel"
@@ -380,16 +530,19 @@ fn receive(
         let _ = control_stream.shutdown(Shutdown::Read);
     };
 
+    let sync = RoundSync::new(usize::from(begin.channels));
     let (state_frame, transfer) = std::thread::scope(|s| {
         let mut handles = Vec::new();
         for (i, link) in extra.iter_mut().enumerate() {
             let counters = &counters;
             let shutdown_all = &shutdown_all;
+            let sync = &sync;
             let h = std::thread::Builder::new()
                 .name(format!("migrate-rx{}", i + 1))
                 .spawn_scoped(s, move || {
-                    let r = receive_channel(vm, link, counters);
+                    let r = receive_channel(vm, link, i + 1, counters, sync);
                     if r.is_err() {
+                        sync.fail();
                         shutdown_all();
                     }
                     r
@@ -397,7 +550,11 @@ fn receive(
                 .map_err(Error::Thread);
             handles.push(h);
         }
-        let control_result = receive_control(vm, control, &counters, progress, started);
+        if handles.iter().any(|h| h.is_err()) {
+            sync.fail();
+        }
+        let control_result =
+            receive_control(vm, control, &counters, &sync, params, progress, started);
         if control_result.is_err() || handles.iter().any(|h| h.is_err()) {
             stop_channels();
         }
@@ -533,16 +690,25 @@ fn receive_control(
     vm: &Vm,
     control: &mut Link,
     counters: &Counters,
+    sync: &RoundSync,
+    params: &Params,
     progress: &ProgressHandle,
     started: Instant,
 ) -> Result<(Frame, Instant), Error> {
     let mut ended: Option<Instant> = None;
     loop {
-        let f = control.recv().map_err(link_err("page transfer"))?;
-        match f.msg_type() {
-            MsgType::MigPages if ended.is_none() => apply_pages(vm, &f, counters)?,
-            MsgType::MigRoundEnd => {
-                let r = wire::RoundEnd::decode(&f.payload).map_err(protocol)?;
+        let h = control.recv_header().map_err(link_err("page transfer"))?;
+        match h.msg_type {
+            MsgType::MigPages if ended.is_none() => {
+                receive_pages(vm, control, h.payload_len, counters)?
+            }
+            MsgType::MigRoundEnd if ended.is_none() => {
+                let r = wire::RoundEnd::decode(&payload(control, &h)?).map_err(protocol)?;
+                sync.reached(0, r.round);
+                sync.wait(r.round, params.io_timeout)?;
+                control
+                    .send(MsgType::MigRoundAck, &wire::encode_round_ack(r.round))
+                    .map_err(link_err("page transfer"))?;
                 let (pages, zero, bytes) = (
                     counters.pages.load(Ordering::Relaxed),
                     counters.zero.load(Ordering::Relaxed),
@@ -550,7 +716,6 @@ fn receive_control(
                 );
                 progress.update(|p| {
                     p.round = r.round;
-                    p.remaining_dirty_pages = r.dirty;
                     p.pages = pages;
                     p.zero_pages = zero;
                     p.bytes = bytes;
@@ -558,18 +723,26 @@ fn receive_control(
                 });
             }
             MsgType::MigChannelEnd if ended.is_none() => {
-                wire::decode_u64s::<1>("MigChannelEnd", &f.payload).map_err(protocol)?;
+                wire::decode_u64s::<1>("MigChannelEnd", &payload(control, &h)?)
+                    .map_err(protocol)?;
                 ended = Some(Instant::now());
             }
             MsgType::MigState => match ended {
-                Some(at) => return Ok((f, at)),
+                Some(at) => {
+                    let payload = payload(control, &h)?;
+                    return Ok((Frame { header: h, payload }, at));
+                }
                 None => {
                     return Err(Error::Protocol(
                         "the state arrived before the last pages".into(),
                     ));
                 }
             },
-            MsgType::MigAbort => return Err(Error::PeerAborted(wire::decode_abort(&f.payload))),
+            MsgType::MigAbort => {
+                return Err(Error::PeerAborted(wire::decode_abort(&payload(
+                    control, &h,
+                )?)));
+            }
             other => {
                 return Err(Error::Protocol(format!(
                     "unexpected {other:?} during the page transfer"

@@ -208,6 +208,7 @@ impl Run<'_> {
             let (pages_before, _, bytes_before) = self.counters.get();
             // The destination's RAM starts zeroed: round 1 skips zero pages.
             self.send_pages(&set, round == 1)?;
+            self.end_round(round, set.count() as u64)?;
             let took = t.elapsed();
             let (pages_after, _, bytes_after) = self.counters.get();
             let moved = bytes_after - bytes_before;
@@ -219,17 +220,6 @@ impl Run<'_> {
             let dirty = vm.take_dirty().map_err(vm_err("read the dirty log"))?;
             let count = dirty.count() as u64;
             let estimate = count as f64 * WIRE_PAGE / bandwidth;
-            self.links[0]
-                .send(
-                    MsgType::MigRoundEnd,
-                    &wire::RoundEnd {
-                        round,
-                        pages: set.count() as u64,
-                        dirty: count,
-                    }
-                    .encode(),
-                )
-                .map_err(link_err("pre-copy"))?;
             let (pages, zero, bytes) = self.counters.get();
             let elapsed = ms(self.started.elapsed());
             self.progress.update(|p| {
@@ -253,6 +243,38 @@ impl Run<'_> {
             round += 1;
         };
         self.switchover(was_running, leftover, round + 1, precopy_data, precopy_time)
+    }
+
+    /// Marks the end of round `round` on every channel and waits until the
+    /// destination has all its pages in guest memory.
+    fn end_round(&mut self, round: u32, pages: u64) -> Result<(), Error> {
+        let marker = wire::RoundEnd {
+            round,
+            pages,
+            dirty: 0,
+        }
+        .encode();
+        for link in self.links.iter_mut().rev() {
+            link.send(MsgType::MigRoundEnd, &marker)
+                .map_err(link_err("pre-copy"))?;
+        }
+        let reply = self.links[0].recv().map_err(link_err("pre-copy"))?;
+        match reply.msg_type() {
+            MsgType::MigRoundAck => {
+                let acked = wire::decode_round_ack(&reply.payload)
+                    .map_err(|e| Error::Protocol(e.to_string()))?;
+                if acked != round {
+                    return Err(Error::Protocol(format!(
+                        "the destination acknowledged round {acked}, not {round}"
+                    )));
+                }
+                Ok(())
+            }
+            MsgType::MigAbort => Err(Error::PeerAborted(wire::decode_abort(&reply.payload))),
+            other => Err(Error::Protocol(format!(
+                "expected MigRoundAck, got {other:?}"
+            ))),
+        }
     }
 
     /// Pauses the guest, sends what is left and the state, and hands the

@@ -18,7 +18,14 @@
 //! MigResumed   attach_us:u64 resume_us:u64
 //! MigAbort     reason (UTF-8, at most 1024 bytes kept)
 //! MigSummary   the source's Report, postcard-encoded
+//! MigRoundAck  round:u32            (destination: every page of the round is in guest memory)
 //! ```
+//!
+//! `MigRoundEnd` is sent on every channel after a round's pages: on the
+//! control channel with the round's figures, on the others as a marker. The
+//! destination answers on the control channel with `MigRoundAck` once all
+//! channels have passed the marker, so the source measures the rounds end
+//! to end and never pauses the guest with pages still in flight.
 
 use vmm::snapshot::ConfigFingerprint;
 
@@ -368,23 +375,8 @@ impl<'a> Pages<'a> {
             return Err(r.invalid(format!("{count} pages in one batch (at most {MAX_BATCH})")));
         }
         let entries = r.take(count * 8)?;
-        let mut with_data = 0usize;
-        for e in entries.chunks_exact(8) {
-            let e = u64::from_le_bytes(e.try_into().unwrap_or_default());
-            if e & ENTRY_FLAGS & !ENTRY_ZERO != 0 {
-                return Err(r.invalid(format!("entry {e:#x} has unknown flags")));
-            }
-            if e & ENTRY_ZERO == 0 {
-                with_data += 1;
-            }
-        }
+        decode_page_entries(b.len(), entries)?;
         let data = r.rest();
-        if data.len() != with_data * PAGE_SIZE {
-            return Err(r.invalid(format!(
-                "{} bytes of page data for {with_data} pages",
-                data.len()
-            )));
-        }
         Ok(Pages { entries, data })
     }
 
@@ -536,8 +528,53 @@ pub fn decode_any(msg_type: u16, b: &[u8]) -> Result<String, WireError> {
         M::MigResumed => format!("{:?}", decode_u64s::<2>("MigResumed", b)?),
         M::MigAbort => decode_abort(b),
         M::MigSummary => format!("{:?}", decode_summary(b)?),
+        M::MigRoundAck => format!("{:?}", decode_round_ack(b)?),
         other => format!("not a migration message: {other:?}"),
     })
+}
+
+/// `MigRoundAck` payload.
+pub fn encode_round_ack(round: u32) -> Vec<u8> {
+    round.to_le_bytes().to_vec()
+}
+
+/// Decodes a `MigRoundAck` payload.
+pub fn decode_round_ack(b: &[u8]) -> Result<u32, WireError> {
+    let mut r = Reader::new("MigRoundAck", b);
+    let round = r.u32()?;
+    r.end()?;
+    Ok(round)
+}
+
+/// Checks the head of a `MigPages` payload of `len` bytes: `count` (at most
+/// [`MAX_BATCH`]) and the entries. Returns the entries as (address, zero)
+/// and checks that `len` holds exactly one page of data per non-zero entry.
+pub fn decode_page_entries(len: usize, entries: &[u8]) -> Result<Vec<(u64, bool)>, WireError> {
+    let msg = "MigPages";
+    let mut out = Vec::with_capacity(entries.len() / 8);
+    let mut with_data = 0usize;
+    for e in entries.chunks_exact(8) {
+        let e = u64::from_le_bytes(e.try_into().unwrap_or_default());
+        if e & ENTRY_FLAGS & !ENTRY_ZERO != 0 {
+            return Err(WireError::Invalid {
+                msg,
+                why: format!("entry {e:#x} has unknown flags"),
+            });
+        }
+        let zero = e & ENTRY_ZERO != 0;
+        if !zero {
+            with_data += 1;
+        }
+        out.push((e & !ENTRY_FLAGS, zero));
+    }
+    let expected = 4 + entries.len() + with_data * PAGE_SIZE;
+    if len != expected {
+        return Err(WireError::Invalid {
+            msg,
+            why: format!("{len} bytes for {} pages, {with_data} with data", out.len()),
+        });
+    }
+    Ok(out)
 }
 
 /// `MigSummary` payload.
@@ -720,7 +757,7 @@ mod tests {
             x
         };
         for _ in 0..20_000 {
-            let ty = 0x0101 + (next() % 13) as u16;
+            let ty = 0x0101 + (next() % 14) as u16;
             let len = (next() % 300) as usize;
             let mut b: Vec<u8> = (0..len).map(|_| next() as u8).collect();
             if len >= 4 && next() % 2 == 0 {
