@@ -47,7 +47,11 @@ struct Vm {
 
 impl Vm {
     fn spawn(dir: &Path, name: &str, gib: u64, cmdline: &str, incoming: Option<u16>) -> Vm {
-        let socket = dir.join(format!("{name}.sock"));
+        let file: String = name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        let socket = dir.join(format!("{file}.sock"));
         let mut cmd = Command::new(BIN);
         cmd.args(["run", "--memory", &format!("{gib}G"), "--cmdline", cmdline])
             .args(["--api-socket", socket.to_str().expect("UTF-8 path")]);
