@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{
-    BANNER, GUEST_IP, NetNs, TempDir, Twinvm, counter_of, is_counter, path_str,
+    BANNER, GUEST_IP, NetNs, TempDir, Twinvm, counter_of, is_counter, path_str, pattern,
     run_command_to_exit, twinvm_bin,
 };
 
@@ -144,19 +144,6 @@ fn counters(stdout: &str) -> Vec<u64> {
         .lines()
         .filter(|l| is_counter(l))
         .map(counter_of)
-        .collect()
-}
-
-/// Deterministic test data.
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
         .collect()
 }
 

@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
-use common::{BANNER, GUEST_IP, NetNs, Twinvm};
+use common::{BANNER, GUEST_IP, NetNs, Twinvm, pattern};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -28,19 +28,6 @@ fn finish(mut vm: Twinvm) {
     vm.send_line("poweroff");
     let status = vm.wait_exit(T).unwrap();
     assert_eq!(status.code(), Some(0), "{}", vm.transcript());
-}
-
-/// Deterministic test data: xorshift64 bytes.
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 #[test]

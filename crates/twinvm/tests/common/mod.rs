@@ -54,6 +54,19 @@ pub fn counter_of(line: &str) -> u64 {
         .unwrap_or_else(|| panic!("no counter in {line:?}"))
 }
 
+/// Deterministic test data: `len` xorshift64 bytes from `seed`.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 /// A temporary path as a command-line argument.
 pub fn path_str(p: &Path) -> &str {
     p.to_str().expect("temp paths are UTF-8")
