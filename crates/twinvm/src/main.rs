@@ -227,20 +227,12 @@ fn init_logging() {
         .init();
 }
 
-/// `err` and its `source()` chain joined with ": " on one line. A source
-/// whose text the previous message already ends with is not repeated.
+/// `err` and its `source()` chain joined with ": " on one line
+/// ([`replication::error_text`]), with line breaks inside messages folded
+/// into spaces.
 fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut msg = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !text.is_empty() && !msg.ends_with(&text) {
-            msg.push_str(": ");
-            msg.push_str(&text);
-        }
-        source = s.source();
-    }
-    msg.lines()
+    replication::error_text(err)
+        .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())
         .collect::<Vec<_>>()
