@@ -215,23 +215,12 @@ fn an_incoming_vm_checks_its_configuration_without_opening_anything() {
 /// CAP_SYS_ADMIN and CAP_NET_ADMIN (root); skipped without them.
 #[test]
 fn a_tap_moves_from_one_vm_to_another_in_a_private_netns() {
-    use crate::devices::virtio::tap::tests::{set_persistent_tap, set_up};
+    use crate::devices::virtio::tap::tests::{private_netns_with_tap, set_persistent_tap};
     if !kvm_available() {
         return;
     }
     let outcome = std::thread::spawn(|| -> Result<(), String> {
-        // SAFETY: unshare(CLONE_NEWNET) only moves this thread into a new,
-        // empty network namespace.
-        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-            return Err(format!(
-                "cannot create a network namespace: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
-        if let Err(e) = set_persistent_tap("tvmig0", true) {
-            return Err(format!("cannot create a tap: {e}"));
-        }
-        set_up("tvmig0").unwrap();
+        private_netns_with_tap("tvmig0")?;
         let net = vec![NetConfig {
             tap: "tvmig0".into(),
             mac: None,

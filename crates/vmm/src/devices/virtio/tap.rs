@@ -169,6 +169,23 @@ pub(crate) mod tests {
         Ok(())
     }
 
+    /// Moves the calling thread into a new, empty network namespace and
+    /// creates tap `name` there, up. `Err` says why a test must be skipped
+    /// (no CAP_SYS_ADMIN / CAP_NET_ADMIN).
+    pub(crate) fn private_netns_with_tap(name: &str) -> Result<(), String> {
+        // SAFETY: unshare(CLONE_NEWNET) only moves this thread into a new,
+        // empty network namespace.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            return Err(format!(
+                "cannot create a network namespace: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        set_persistent_tap(name, true).map_err(|e| format!("cannot create a tap: {e}"))?;
+        set_up(name).unwrap();
+        Ok(())
+    }
+
     /// Sets interface `name` up.
     pub(crate) fn set_up(name: &str) -> std::io::Result<()> {
         // SAFETY: plain socket creation.
@@ -260,18 +277,7 @@ pub(crate) mod tests {
     #[test]
     fn frames_pass_through_a_real_tap_in_a_private_netns() {
         let outcome = std::thread::spawn(|| -> Result<(), String> {
-            // SAFETY: unshare(CLONE_NEWNET) only moves this thread into a
-            // new, empty network namespace.
-            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-                return Err(format!(
-                    "cannot create a network namespace: {}",
-                    std::io::Error::last_os_error()
-                ));
-            }
-            if let Err(e) = set_persistent_tap("tvtest0", true) {
-                return Err(format!("cannot create a tap: {e}"));
-            }
-            set_up("tvtest0").unwrap();
+            private_netns_with_tap("tvtest0")?;
             let tap = Tap::open("tvtest0").unwrap();
             assert_eq!(tap.name(), "tvtest0");
             assert!(matches!(Tap::open("tvtest0"), Err(Error::TapBusy { .. })));
