@@ -426,7 +426,7 @@ impl Run<'_> {
         let reply = control
             .recv()
             .map_err(|e| Error::OutcomeUnknown(e.to_string()))?;
-        let [attach_us, resume_us] = match reply.msg_type() {
+        let [_attach_us, resume_us] = match reply.msg_type() {
             MsgType::MigResumed => wire::decode_u64s::<2>("MigResumed", &reply.payload)
                 .map_err(|e| Error::OutcomeUnknown(e.to_string()))?,
             MsgType::MigAbort => {
@@ -438,7 +438,6 @@ impl Run<'_> {
                 )));
             }
         };
-        let _ = attach_us;
         split.resume_ms = resume_us as f64 / 1000.0;
         split.handover_ms = (ms(t.elapsed()) - split.resume_ms).max(0.0);
         Ok((last_pages, digest.map(|d| d.hex())))
