@@ -11,6 +11,7 @@ pub mod frame;
 pub mod handshake;
 pub mod link;
 pub mod migration;
+mod pageio;
 
 pub use auth::{AuthKey, AuthKeyError};
 pub use frame::{Frame, FrameError, Header, MsgType};

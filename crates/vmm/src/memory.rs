@@ -146,6 +146,60 @@ impl DirtyBitmap {
                 .is_some_and(|(w, bit)| w & (1u64 << bit) != 0)
         })
     }
+
+    /// An empty set over the same slots as `self`.
+    pub fn empty_like(&self) -> DirtyBitmap {
+        DirtyBitmap {
+            slots: self
+                .slots
+                .iter()
+                .map(|(base, words)| (*base, vec![0; words.len()]))
+                .collect(),
+        }
+    }
+
+    /// Adds the page holding `addr`; returns `false` (and changes nothing)
+    /// if no slot covers it.
+    pub fn insert(&mut self, addr: GuestAddress) -> bool {
+        for (base, words) in &mut self.slots {
+            let Some(page) = addr.checked_offset_from(*base).map(|off| off / PAGE_SIZE) else {
+                continue;
+            };
+            if let Some(w) = words.get_mut((page / 64) as usize) {
+                *w |= 1u64 << (page % 64);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Adds every page of `other` (`self` ∪= `other`). Both must cover the
+    /// same slots (as every bitmap of one VM does); pages of `other` beyond
+    /// `self`'s slots are ignored.
+    pub fn union_with(&mut self, other: &DirtyBitmap) {
+        for ((_, a), (_, b)) in self.slots.iter_mut().zip(&other.slots) {
+            for (x, y) in a.iter_mut().zip(b) {
+                *x |= y;
+            }
+        }
+    }
+
+    /// Removes every page of `other` (`self` \= `other`); same slots as
+    /// for [`Self::union_with`].
+    pub fn subtract(&mut self, other: &DirtyBitmap) {
+        for ((_, a), (_, b)) in self.slots.iter_mut().zip(&other.slots) {
+            for (x, y) in a.iter_mut().zip(b) {
+                *x &= !y;
+            }
+        }
+    }
+
+    /// Removes every page.
+    pub fn clear(&mut self) {
+        for (_, words) in &mut self.slots {
+            words.iter_mut().for_each(|w| *w = 0);
+        }
+    }
 }
 
 /// Guest RAM registered with a KVM VM.
@@ -410,6 +464,33 @@ mod tests {
         assert!(!bm.contains(GuestAddress(4096)));
         assert!(bm.contains(GuestAddress(MMIO_HOLE_END + 5)));
         assert!(!bm.contains(GuestAddress(MMIO_HOLE_END + 4096)));
+    }
+
+    #[test]
+    fn dirty_bitmap_set_operations() {
+        let a = DirtyBitmap {
+            slots: vec![
+                (GuestAddress(0), vec![0b0110, 0]),
+                (GuestAddress(MMIO_HOLE_END), vec![1]),
+            ],
+        };
+        let mut e = a.empty_like();
+        assert_eq!(e.count(), 0);
+        assert_eq!(e.slots.len(), 2);
+        assert!(e.insert(GuestAddress(4096 + 5)));
+        assert!(!e.insert(GuestAddress(MMIO_HOLE_END + 64 * 4096)));
+        assert!(e.insert(GuestAddress(65 * 4096)));
+        assert!(!e.insert(GuestAddress(1 << 40)));
+        assert_eq!(e.slots[0].1, vec![0b0010, 0b10]);
+        let mut u = e.clone();
+        u.union_with(&a);
+        assert_eq!(u.slots[0].1, vec![0b0110, 0b10]);
+        assert_eq!(u.slots[1].1, vec![1]);
+        u.subtract(&e);
+        assert_eq!(u.slots[0].1, vec![0b0100, 0]);
+        assert_eq!(u.count(), 2);
+        u.clear();
+        assert_eq!(u.count(), 0);
     }
 
     #[test]

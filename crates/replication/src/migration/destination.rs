@@ -1,7 +1,6 @@
 //! The receiving side of a live migration.
 
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -204,7 +203,7 @@ fn accept_channels(
     let mut joined = 0;
     while joined < want {
         let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || !wait_readable(listener, left) {
+        if left.is_zero() || !crate::pageio::wait_readable(listener, left) {
             return Err(Error::Protocol(format!(
                 "only {joined} of {want} extra channels connected within {:?}",
                 params.connect_timeout
@@ -263,19 +262,6 @@ fn accept_channels(
     Ok(links.into_iter().flatten().collect())
 }
 
-/// Waits until `listener` has a connection to accept, for at most `limit`.
-fn wait_readable(listener: &TcpListener, limit: Duration) -> bool {
-    let mut pfd = libc::pollfd {
-        fd: listener.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let timeout = i32::try_from(limit.as_millis()).unwrap_or(i32::MAX).max(1);
-    // SAFETY: one valid pollfd, count 1; poll writes only its revents.
-    let n = unsafe { libc::poll(&mut pfd, 1, timeout) };
-    n > 0
-}
-
 /// Reads the payload of a non-page message (bounded by the link's
 /// maximum payload).
 fn payload(link: &mut Link, h: &Header) -> Result<Vec<u8>, Error> {
@@ -326,7 +312,11 @@ fn receive_pages(vm: &Vm, link: &mut Link, len: u32, counters: &Counters) -> Res
             });
         }
     }
-    read_into_iovecs(link, &mut iov)?;
+    // SAFETY: every iovec is one whole page of guest RAM, checked by
+    // get_slice in a live mapping the VM owns and that outlives the call;
+    // the guest does not run while an incoming migration writes its memory.
+    unsafe { crate::pageio::read_into_iovecs(link, &mut iov) }
+        .map_err(link_err("page transfer"))?;
     for &(gpa, zero) in &entries {
         if zero {
             let addr = GuestAddress(gpa);
@@ -352,55 +342,6 @@ fn receive_pages(vm: &Vm, link: &mut Link, len: u32, counters: &Counters) -> Res
         super::die_after_pages(),
         counters.pages.load(Ordering::Relaxed) + counters.zero.load(Ordering::Relaxed),
     );
-    Ok(())
-}
-
-/// Fills the memory `iov` describes from the link's stream, with as few
-/// `readv` calls as the data's arrival allows.
-fn read_into_iovecs(link: &Link, iov: &mut [libc::iovec]) -> Result<(), Error> {
-    let fd = link.stream().as_raw_fd();
-    let mut first = 0;
-    while first < iov.len() {
-        let rest = &mut iov[first..];
-        let count = rest.len().min(1024) as libc::c_int;
-        // SAFETY: every iovec points into guest RAM (checked by get_slice,
-        // a live mapping owned by the VM, which outlives this call) or into
-        // the remainder of such a page; readv writes at most iov_len bytes
-        // to each. The guest does not run while an incoming migration
-        // writes its memory.
-        let n = unsafe { libc::readv(fd, rest.as_ptr(), count) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(link_err("page transfer")(
-                crate::frame::FrameError::from_io(e).into(),
-            ));
-        }
-        if n == 0 {
-            return Err(link_err("page transfer")(
-                crate::frame::FrameError::TruncatedPayload {
-                    got: 0,
-                    expected: rest.iter().map(|v| v.iov_len).sum(),
-                }
-                .into(),
-            ));
-        }
-        let mut n = n as usize;
-        while n > 0 && first < iov.len() {
-            let v = &mut iov[first];
-            if n >= v.iov_len {
-                n -= v.iov_len;
-                first += 1;
-            } else {
-                // SAFETY: advancing within the same page, n < iov_len.
-                v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n).cast() };
-                v.iov_len -= n;
-                n = 0;
-            }
-        }
-    }
     Ok(())
 }
 

@@ -181,16 +181,6 @@ fn connect_all(vm: &Vm, to: &str, params: &Params) -> Result<Vec<Link>, Error> {
     Ok(links)
 }
 
-/// `a` ∪ `b` (same slots).
-fn union(mut a: DirtyBitmap, b: &DirtyBitmap) -> DirtyBitmap {
-    for ((_, wa), (_, wb)) in a.slots.iter_mut().zip(&b.slots) {
-        for (x, y) in wa.iter_mut().zip(wb) {
-            *x |= y;
-        }
-    }
-    a
-}
-
 impl Run<'_> {
     fn run(&mut self, was_running: bool) -> Result<Report, Error> {
         let vm = self.vm;
@@ -365,10 +355,8 @@ impl Run<'_> {
     ) -> Result<(u64, Option<String>), Error> {
         let vm = self.vm;
         let t = Instant::now();
-        let last = union(
-            vm.take_dirty().map_err(vm_err("read the dirty log"))?,
-            &leftover,
-        );
+        let mut last = vm.take_dirty().map_err(vm_err("read the dirty log"))?;
+        last.union_with(&leftover);
         split.dirty_log_ms = ms(t.elapsed());
 
         let t = Instant::now();
