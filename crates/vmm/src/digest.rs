@@ -19,6 +19,18 @@
 //!   legitimately differ between two hosts.
 //!
 //! [`StateDigest::total`] combines the three.
+//!
+//! A **page digest** ([`crate::Vm::page_digest`]) covers the same, but its
+//! RAM part is per 4 KiB page ([`PAGE_SIZE`]), so that a difference is
+//! named to the page: it lists only pages that hold something other than
+//! zeros, in guest-address order (a page absent from the list is zeros;
+//! only pages in [`crate::memory::populated_pages`] are read), and `ram`
+//! is the SHA-256 of the RAM layout (the number of regions, then each
+//! region's start and length, as little-endian `u64`s) followed by each
+//! listed page's guest address (little-endian `u64`) and digest. Which
+//! zero pages happen to be populated changes neither. The two kinds record
+//! their granularity ([`StateDigest::chunk_size`]) and never compare
+//! equal to each other.
 
 use std::sync::OnceLock;
 
@@ -37,14 +49,20 @@ pub const CHUNK_SIZE: u64 = 2 << 20;
 /// A SHA-256 digest.
 pub type Sha256Digest = [u8; 32];
 
-/// The digest of a paused VM's state ([`crate::Vm::digest`]); see the
-/// module documentation for what it covers.
+/// The digest of a paused VM's state ([`crate::Vm::digest`], or per page
+/// [`crate::Vm::page_digest`]); see the module documentation for what it
+/// covers.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StateDigest {
-    /// SHA-256 over the chunk digests, in order.
+    /// Bytes of RAM per entry of `chunks`: [`CHUNK_SIZE`], or
+    /// [`PAGE_SIZE`] for a page digest.
+    pub chunk_size: u64,
+    /// SHA-256 over the chunk digests, in order; for a page digest, over
+    /// the RAM layout and the listed pages (see the module documentation).
     pub ram: Sha256Digest,
-    /// Per 2 MiB chunk of RAM, in guest-address order: its guest address
-    /// and the SHA-256 of its bytes.
+    /// Per chunk of RAM, in guest-address order: its guest address and the
+    /// SHA-256 of its bytes. Every chunk; for a page digest, only the pages
+    /// that are not all zeros.
     pub chunks: Vec<(u64, Sha256Digest)>,
     /// SHA-256 of the encoded device states.
     pub devices: Sha256Digest,
@@ -55,17 +73,18 @@ pub struct StateDigest {
 /// Where two digests first differ ([`StateDigest::first_difference`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DigestDifference {
-    /// The RAM chunk at `gpa` differs.
+    /// The RAM chunk (for page digests: the page) at `gpa` differs.
     Ram {
-        /// Guest address of the chunk.
+        /// Guest address of the chunk or page.
         gpa: u64,
     },
     /// The device states differ.
     Devices,
     /// The vCPU registers differ.
     Vcpus,
-    /// The digests are of RAM laid out differently (another size), or one
-    /// of them does not match its own chunks.
+    /// The digests are of RAM laid out differently (another size), or of
+    /// different granularity (a page digest and a chunk digest), or one of
+    /// them does not match its own chunks.
     Layout,
 }
 
@@ -85,28 +104,25 @@ impl StateDigest {
     }
 
     /// Where `self` and `other` first differ: the layout of RAM, then the
-    /// first RAM chunk in guest-address order, then the devices, then the
-    /// vCPUs. `None` if they are equal.
+    /// first RAM chunk (or page) in guest-address order, then the devices,
+    /// then the vCPUs. `None` if they are equal. Digests of different
+    /// granularity differ in layout. Between page digests, a page one of
+    /// them does not list is zeros: it equals a listed page of zeros.
     pub fn first_difference(&self, other: &StateDigest) -> Option<DigestDifference> {
-        let same_layout = self.chunks.len() == other.chunks.len()
-            && self
-                .chunks
-                .iter()
-                .zip(&other.chunks)
-                .all(|(a, b)| a.0 == b.0);
-        if !same_layout {
+        if self.chunk_size != other.chunk_size {
             return Some(DigestDifference::Layout);
         }
-        if let Some((a, _)) = self
-            .chunks
-            .iter()
-            .zip(&other.chunks)
-            .find(|(a, b)| a.1 != b.1)
-        {
-            return Some(DigestDifference::Ram { gpa: a.0 });
+        let ram = if self.chunk_size == PAGE_SIZE {
+            first_page_difference(&self.chunks, &other.chunks)
+        } else {
+            first_chunk_difference(&self.chunks, &other.chunks)
+        };
+        if ram.is_some() {
+            return ram;
         }
         if self.ram != other.ram {
-            // Equal chunks, different summaries: one is not its own.
+            // Equal chunks, different summaries: RAM laid out differently
+            // (page digests), or one is not its own.
             return Some(DigestDifference::Layout);
         }
         if self.devices != other.devices {
@@ -119,17 +135,81 @@ impl StateDigest {
     }
 }
 
-/// The digest of `len` zero bytes; the full chunk's is computed once.
+/// The first difference of two lists of every chunk: `Layout` unless they
+/// name the same chunks, else the first chunk whose digests differ.
+fn first_chunk_difference(
+    a: &[(u64, Sha256Digest)],
+    b: &[(u64, Sha256Digest)],
+) -> Option<DigestDifference> {
+    let same_layout = a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.0 == y.0);
+    if !same_layout {
+        return Some(DigestDifference::Layout);
+    }
+    a.iter()
+        .zip(b)
+        .find(|(x, y)| x.1 != y.1)
+        .map(|(x, _)| DigestDifference::Ram { gpa: x.0 })
+}
+
+/// The first difference of two sparse page lists, merged in address
+/// order; a page missing from one list is a zero page there. `Layout` if
+/// either list is not in strictly ascending order.
+fn first_page_difference(
+    a: &[(u64, Sha256Digest)],
+    b: &[(u64, Sha256Digest)],
+) -> Option<DigestDifference> {
+    let ascending = |l: &[(u64, Sha256Digest)]| l.windows(2).all(|w| w[0].0 < w[1].0);
+    if !ascending(a) || !ascending(b) {
+        return Some(DigestDifference::Layout);
+    }
+    let zero = zero_digest(PAGE_SIZE as usize);
+    let (mut a, mut b) = (a.iter().peekable(), b.iter().peekable());
+    loop {
+        let (gpa, x, y) = match (a.peek(), b.peek()) {
+            (None, None) => return None,
+            (Some(&&(p, x)), None) => {
+                a.next();
+                (p, x, zero)
+            }
+            (None, Some(&&(q, y))) => {
+                b.next();
+                (q, zero, y)
+            }
+            (Some(&&(p, x)), Some(&&(q, y))) => match p.cmp(&q) {
+                std::cmp::Ordering::Less => {
+                    a.next();
+                    (p, x, zero)
+                }
+                std::cmp::Ordering::Greater => {
+                    b.next();
+                    (q, zero, y)
+                }
+                std::cmp::Ordering::Equal => {
+                    a.next();
+                    b.next();
+                    (p, x, y)
+                }
+            },
+        };
+        if x != y {
+            return Some(DigestDifference::Ram { gpa });
+        }
+    }
+}
+
+/// The digest of `len` zero bytes; a full chunk's and a page's are
+/// computed once.
 fn zero_digest(len: usize) -> Sha256Digest {
     fn of(len: usize) -> Sha256Digest {
         let zeros = vec![0u8; len];
         Sha256::digest(&zeros).into()
     }
     static FULL: OnceLock<Sha256Digest> = OnceLock::new();
-    if len as u64 == CHUNK_SIZE {
-        *FULL.get_or_init(|| of(len))
-    } else {
-        of(len)
+    static PAGE: OnceLock<Sha256Digest> = OnceLock::new();
+    match len as u64 {
+        CHUNK_SIZE => *FULL.get_or_init(|| of(len)),
+        PAGE_SIZE => *PAGE.get_or_init(|| of(len)),
+        _ => of(len),
     }
 }
 
@@ -155,11 +235,7 @@ pub(crate) fn ram_chunks(
     let mut chunks = Vec::new();
     for (index, region) in mem.iter().enumerate() {
         let start = region.start_addr().raw_value();
-        let words = populated
-            .slots
-            .get(index)
-            .filter(|(addr, _)| addr.raw_value() == start)
-            .map(|(_, words)| words.as_slice());
+        let words = region_words(populated, index, start);
         let len = region.len();
         let mut offset = 0;
         while offset < len {
@@ -181,19 +257,154 @@ pub(crate) fn ram_chunks(
     Ok(chunks)
 }
 
-/// The digest of a VM's RAM `mem` (populated pages `populated`), its
-/// device states and its vCPUs.
-pub(crate) fn compute(
+/// The bitmap words of `region` (the `index`th of its memory) in
+/// `populated`, if it has a slot for it.
+fn region_words(populated: &DirtyBitmap, index: usize, start: u64) -> Option<&[u64]> {
+    populated
+        .slots
+        .get(index)
+        .filter(|(addr, _)| addr.raw_value() == start)
+        .map(|(_, words)| words.as_slice())
+}
+
+/// The guest addresses and lengths of the pages of `mem` in `populated`
+/// (one slot per region, in the same order; a region without its slot
+/// counts as populated whole), in address order.
+fn populated_page_list(mem: &GuestMemoryMmap, populated: &DirtyBitmap) -> Vec<(u64, usize)> {
+    let mut list = Vec::new();
+    for (index, region) in mem.iter().enumerate() {
+        let start = region.start_addr().raw_value();
+        let words = region_words(populated, index, start);
+        let len = region.len();
+        let count = len.div_ceil(PAGE_SIZE);
+        let mut page = 0;
+        while page < count {
+            // Skip to the next populated page; pages past the end of the
+            // bitmap count as populated.
+            if let Some(&word) = words.and_then(|w| w.get((page / 64) as usize)) {
+                let rest = word >> (page % 64);
+                if rest == 0 {
+                    page = (page / 64 + 1) * 64;
+                    continue;
+                }
+                page += u64::from(rest.trailing_zeros());
+                if page >= count {
+                    break;
+                }
+            }
+            let offset = page * PAGE_SIZE;
+            list.push((start + offset, (len - offset).min(PAGE_SIZE) as usize));
+            page += 1;
+        }
+    }
+    list
+}
+
+/// The digests of those of `pages` (guest address, length) that are not
+/// all zeros, in the same order.
+fn digest_pages(
+    mem: &GuestMemoryMmap,
+    pages: &[(u64, usize)],
+) -> Result<Vec<(u64, Sha256Digest)>, Error> {
+    static ZEROS: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
+    let mut buf = [0u8; PAGE_SIZE as usize];
+    let mut digests = Vec::new();
+    for &(gpa, n) in pages {
+        mem.read_slice(&mut buf[..n], GuestAddress(gpa))
+            .map_err(|_| Error::Memory(crate::memory::MemoryError::Layout))?;
+        // Comparing is much cheaper than hashing, and many populated pages
+        // are zeros.
+        if buf[..n] != ZEROS[..n] {
+            digests.push((gpa, Sha256::digest(&buf[..n]).into()));
+        }
+    }
+    Ok(digests)
+}
+
+/// Populated pages from which [`ram_pages`] hashes on several threads.
+const PARALLEL_PAGES: usize = 4096;
+/// Most threads [`ram_pages`] hashes on.
+const MAX_THREADS: usize = 4;
+
+/// The digests of the pages of `mem` that are not all zeros, in address
+/// order, reading only pages in `populated` (one slot per region, in the
+/// same order; a region without its slot is read whole). Many pages are
+/// hashed on up to [`MAX_THREADS`] threads.
+pub(crate) fn ram_pages(
     mem: &GuestMemoryMmap,
     populated: &DirtyBitmap,
-    devices: &DeviceStates,
-    vcpus: &[VcpuSnapshot],
-) -> Result<StateDigest, Error> {
+) -> Result<Vec<(u64, Sha256Digest)>, Error> {
+    let list = populated_page_list(mem, populated);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(MAX_THREADS);
+    if threads < 2 || list.len() < PARALLEL_PAGES {
+        return digest_pages(mem, &list);
+    }
+    std::thread::scope(|s| {
+        let parts: Vec<_> = list
+            .chunks(list.len().div_ceil(threads))
+            .map(|part| s.spawn(move || digest_pages(mem, part)))
+            .collect();
+        let mut digests = Vec::new();
+        for part in parts {
+            let part = part
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            digests.extend(part?);
+        }
+        Ok(digests)
+    })
+}
+
+/// The `ram` summary of a page digest: the layout of `mem`, then the
+/// listed `pages`.
+fn page_summary(mem: &GuestMemoryMmap, pages: &[(u64, Sha256Digest)]) -> Sha256Digest {
+    let mut h = Sha256::new();
+    h.update((mem.num_regions() as u64).to_le_bytes());
+    for region in mem.iter() {
+        h.update(region.start_addr().raw_value().to_le_bytes());
+        h.update(region.len().to_le_bytes());
+    }
+    for (gpa, d) in pages {
+        h.update(gpa.to_le_bytes());
+        h.update(d);
+    }
+    h.finalize().into()
+}
+
+/// The RAM part of a digest of `mem` (populated pages `populated`) at
+/// `chunk_size` ([`CHUNK_SIZE`] or [`PAGE_SIZE`]): the summary and the
+/// chunks.
+pub(crate) fn ram_digest(
+    mem: &GuestMemoryMmap,
+    populated: &DirtyBitmap,
+    chunk_size: u64,
+) -> Result<(Sha256Digest, Vec<(u64, Sha256Digest)>), Error> {
+    if chunk_size == PAGE_SIZE {
+        let pages = ram_pages(mem, populated)?;
+        return Ok((page_summary(mem, &pages), pages));
+    }
+    debug_assert_eq!(chunk_size, CHUNK_SIZE);
     let chunks = ram_chunks(mem, populated)?;
     let mut ram = Sha256::new();
     for (_, d) in &chunks {
         ram.update(d);
     }
+    Ok((ram.finalize().into(), chunks))
+}
+
+/// The digest of a VM's RAM `mem` (populated pages `populated`) at
+/// `chunk_size` ([`CHUNK_SIZE`] or [`PAGE_SIZE`]), its device states and
+/// its vCPUs.
+pub(crate) fn compute(
+    mem: &GuestMemoryMmap,
+    populated: &DirtyBitmap,
+    chunk_size: u64,
+    devices: &DeviceStates,
+    vcpus: &[VcpuSnapshot],
+) -> Result<StateDigest, Error> {
+    let (ram, chunks) = ram_digest(mem, populated, chunk_size)?;
     let encoded = postcard::to_stdvec(devices).map_err(FormatError::Encode)?;
     let mut v = Sha256::new();
     for vcpu in vcpus {
@@ -201,7 +412,8 @@ pub(crate) fn compute(
         v.update(zerocopy::IntoBytes::as_bytes(&vcpu.sregs));
     }
     Ok(StateDigest {
-        ram: ram.finalize().into(),
+        chunk_size,
+        ram,
         chunks,
         devices: Sha256::digest(&encoded).into(),
         vcpus: v.finalize().into(),
@@ -217,18 +429,23 @@ mod tests {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap()
     }
 
-    fn digest_of(mem: &GuestMemoryMmap) -> StateDigest {
-        let chunks = ram_chunks(mem, &crate::memory::populated_pages(mem)).unwrap();
-        let mut ram = Sha256::new();
-        for (_, d) in &chunks {
-            ram.update(d);
-        }
+    fn digest_at(mem: &GuestMemoryMmap, populated: &DirtyBitmap, chunk_size: u64) -> StateDigest {
+        let (ram, chunks) = ram_digest(mem, populated, chunk_size).unwrap();
         StateDigest {
-            ram: ram.finalize().into(),
+            chunk_size,
+            ram,
             chunks,
             devices: [1; 32],
             vcpus: [2; 32],
         }
+    }
+
+    fn digest_of(mem: &GuestMemoryMmap) -> StateDigest {
+        digest_at(mem, &crate::memory::populated_pages(mem), CHUNK_SIZE)
+    }
+
+    fn page_digest_of(mem: &GuestMemoryMmap) -> StateDigest {
+        digest_at(mem, &crate::memory::populated_pages(mem), PAGE_SIZE)
     }
 
     #[test]
@@ -320,5 +537,151 @@ mod tests {
         assert!(!any_page(&words, 64 * PAGE_SIZE, PAGE_SIZE * 5));
         // Past the bitmap: taken as populated.
         assert!(any_page(&words, 1 << 30, CHUNK_SIZE));
+    }
+
+    /// RAM in two regions, 8 MiB from 0 and 4 MiB from 16 MiB, with the
+    /// same bytes in a few pages.
+    fn two_regions() -> GuestMemoryMmap {
+        let mem = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 8 << 20),
+            (GuestAddress(16 << 20), 4 << 20),
+        ])
+        .unwrap();
+        for (i, gpa) in [0x1000u64, 0x7f_f000, 0x100_0000, 0x130_0000]
+            .into_iter()
+            .enumerate()
+        {
+            mem.write_slice(&[i as u8 + 1; 100], GuestAddress(gpa + 50))
+                .unwrap();
+        }
+        mem
+    }
+
+    #[test]
+    fn a_page_digest_names_the_changed_page() {
+        let a = two_regions();
+        let b = two_regions();
+        let da = page_digest_of(&a);
+        assert_eq!(da.chunk_size, PAGE_SIZE);
+        let listed: Vec<u64> = da.chunks.iter().map(|c| c.0).collect();
+        assert_eq!(listed, vec![0x1000, 0x7f_f000, 0x100_0000, 0x130_0000]);
+        assert_eq!(da.first_difference(&page_digest_of(&b)), None);
+        assert_eq!(da.total(), page_digest_of(&b).total());
+
+        // One byte in a listed page of the second region.
+        b.write_obj(9u8, GuestAddress(0x130_0fff)).unwrap();
+        let db = page_digest_of(&b);
+        assert_eq!(
+            da.first_difference(&db),
+            Some(DigestDifference::Ram { gpa: 0x130_0000 })
+        );
+        assert_eq!(
+            db.first_difference(&da),
+            Some(DigestDifference::Ram { gpa: 0x130_0000 })
+        );
+        assert_ne!(da.total(), db.total());
+
+        // A page only one side lists, before it.
+        b.write_obj(1u8, GuestAddress(0x5_0123)).unwrap();
+        let db = page_digest_of(&b);
+        assert_eq!(
+            da.first_difference(&db),
+            Some(DigestDifference::Ram { gpa: 0x5_0000 })
+        );
+        assert_eq!(
+            db.first_difference(&da),
+            Some(DigestDifference::Ram { gpa: 0x5_0000 })
+        );
+
+        // The chunk digest of the same RAM names the chunk.
+        assert_eq!(
+            digest_of(&a).first_difference(&digest_of(&b)),
+            Some(DigestDifference::Ram { gpa: 0 })
+        );
+
+        // A page digest goes through postcard as it is.
+        let bytes = postcard::to_stdvec(&db).unwrap();
+        let back: StateDigest = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(back, db);
+    }
+
+    #[test]
+    fn populated_zero_pages_equal_absent_ones() {
+        let a = two_regions();
+        let b = two_regions();
+        // Populated on one side only, and zeros.
+        a.write_slice(&[0; 4096], GuestAddress(0x20_0000)).unwrap();
+        a.write_obj(0u64, GuestAddress(0x110_0000)).unwrap();
+        let pa = crate::memory::populated_pages(&a);
+        let pb = crate::memory::populated_pages(&b);
+        assert!(pa.contains(GuestAddress(0x20_0000)));
+        assert!(!pb.contains(GuestAddress(0x20_0000)));
+        let da = digest_at(&a, &pa, PAGE_SIZE);
+        let db = digest_at(&b, &pb, PAGE_SIZE);
+        assert_eq!(da.first_difference(&db), None);
+        assert_eq!(da.ram, db.ram);
+        assert_eq!(da.hex(), db.hex());
+        // Every page read (no pagemap) lists the same.
+        let all = digest_at(&a, &DirtyBitmap { slots: Vec::new() }, PAGE_SIZE);
+        assert_eq!(all, da);
+
+        // A digest that lists a zero page equals one that does not.
+        let mut listed = db.clone();
+        listed
+            .chunks
+            .insert(1, (0x20_0000, zero_digest(PAGE_SIZE as usize)));
+        listed
+            .chunks
+            .push((0x140_0000, zero_digest(PAGE_SIZE as usize)));
+        assert_eq!(listed.first_difference(&db), None);
+        assert_eq!(db.first_difference(&listed), None);
+        // But a listed page of anything else differs from an absent one.
+        listed.chunks[1].1 = [7; 32];
+        assert_eq!(
+            db.first_difference(&listed),
+            Some(DigestDifference::Ram { gpa: 0x20_0000 })
+        );
+    }
+
+    #[test]
+    fn digests_of_another_granularity_or_layout_differ_in_layout() {
+        let mem = two_regions();
+        let pages = page_digest_of(&mem);
+        let chunks = digest_of(&mem);
+        assert_eq!(chunks.chunk_size, CHUNK_SIZE);
+        assert_eq!(
+            pages.first_difference(&chunks),
+            Some(DigestDifference::Layout)
+        );
+        assert_eq!(
+            chunks.first_difference(&pages),
+            Some(DigestDifference::Layout)
+        );
+
+        // The same non-zero pages in RAM of another size.
+        let bigger = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 8 << 20),
+            (GuestAddress(16 << 20), 6 << 20),
+        ])
+        .unwrap();
+        for d in &pages.chunks {
+            let mut page = [0u8; PAGE_SIZE as usize];
+            mem.read_slice(&mut page, GuestAddress(d.0)).unwrap();
+            bigger.write_slice(&page, GuestAddress(d.0)).unwrap();
+        }
+        let other = page_digest_of(&bigger);
+        assert_eq!(other.chunks, pages.chunks);
+        assert_eq!(
+            pages.first_difference(&other),
+            Some(DigestDifference::Layout)
+        );
+
+        // A page list out of order is not a page digest's.
+        let mut shuffled = pages.clone();
+        shuffled.chunks.swap(0, 1);
+        assert_eq!(
+            pages.first_difference(&shuffled),
+            Some(DigestDifference::Layout)
+        );
     }
 }

@@ -14,7 +14,7 @@ pub mod vm;
 #[cfg(test)]
 mod vm_tests;
 
-pub use devices::virtio::{Backend, Backends};
+pub use devices::virtio::{Backend, Backends, DiscardNet, NetBackend};
 pub use digest::{DigestDifference, StateDigest};
 pub use snapshot::VmId;
 pub use vm::{Console, DeviceStates, Error, MachineState, Vm, VmState, run};

@@ -18,7 +18,9 @@ use crate::devices::legacy::{
     I8042, I8042_BASE, I8042_LEN, SERIAL_IRQ, SERIAL_PORT_BASE, SERIAL_PORT_LEN, SYSCTL_PORT,
     SerialDevice, SerialSnapshot, SerialStateError, SystemControl,
 };
-use crate::devices::virtio::{self, Backends, MmioTransport, VirtioDevice, VirtioState};
+use crate::devices::virtio::{
+    self, Backend, Backends, MmioTransport, NetBackend, VirtioDevice, VirtioState,
+};
 use crate::devices::{Bus, BusError, lock};
 use crate::digest::StateDigest;
 use crate::memory::{DirtyBitmap, GuestMemoryMmap, GuestRam, MMIO_HOLE_START, MemoryError};
@@ -154,6 +156,14 @@ pub enum Error {
         /// Why.
         #[source]
         source: std::io::Error,
+    },
+    /// A network device index the VM does not have.
+    #[error("the VM has no network device {index} (it has {count})")]
+    NoSuchNetDevice {
+        /// The index asked for.
+        index: usize,
+        /// The VM's network devices.
+        count: usize,
     },
     /// All event senders are gone (internal error).
     #[error("the VM's event channel closed unexpectedly")]
@@ -699,6 +709,39 @@ impl Vm {
         Ok(())
     }
 
+    /// Gives network device `index` (0 for the first configured network
+    /// device; disks do not count) `backend` in place of the one it has,
+    /// if any, which is dropped (a tap is closed). The VM must be paused.
+    /// The device keeps it until [`Vm::release_backends`] or the next
+    /// call; [`Vm::attach_backends`] leaves it alone. E.g. a
+    /// [`virtio::DiscardNet`] for a COLO secondary whose guest must not
+    /// reach the network.
+    pub fn set_net_backend(&self, index: usize, backend: Box<dyn NetBackend>) -> Result<(), Error> {
+        let _control = lock(&self.control);
+        if !self.is_paused() {
+            return Err(Error::NotPaused);
+        }
+        // Network devices come first in guest order.
+        let device = self
+            .virtio
+            .get(index)
+            .filter(|_| index < self.net.len())
+            .ok_or(Error::NoSuchNetDevice {
+                index,
+                count: self.net.len(),
+            })?;
+        let mut device = lock(device);
+        drop(device.take_backend());
+        device.set_backend(Backend::Net(backend))?;
+        Ok(())
+    }
+
+    /// Number of network devices (the first virtio devices in guest
+    /// order).
+    pub fn net_count(&self) -> usize {
+        self.net.len()
+    }
+
     /// Syncs every disk, then drops every device's back end: taps are
     /// closed and disk images unlocked, so that another process (the
     /// destination of a migration) can open them. The VM must be paused,
@@ -761,6 +804,18 @@ impl Vm {
     /// digests hold the same guest state, e.g. the source and destination
     /// of a migration.
     pub fn digest(&self) -> Result<StateDigest, Error> {
+        self.digest_at(crate::digest::CHUNK_SIZE)
+    }
+
+    /// [`Vm::digest`] per 4 KiB page of RAM: it lists only the pages that
+    /// are not all zeros, and [`StateDigest::first_difference`] names the
+    /// first page that differs. Comparable only with other page digests
+    /// (another granularity differs in layout).
+    pub fn page_digest(&self) -> Result<StateDigest, Error> {
+        self.digest_at(crate::memory::PAGE_SIZE)
+    }
+
+    fn digest_at(&self, chunk_size: u64) -> Result<StateDigest, Error> {
         let _control = lock(&self.control);
         if !self.is_paused() {
             return Err(Error::NotPaused);
@@ -770,6 +825,7 @@ impl Vm {
         crate::digest::compute(
             self.ram.memory(),
             &populated,
+            chunk_size,
             &state.devices,
             &state.machine.vcpus,
         )

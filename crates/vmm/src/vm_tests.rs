@@ -11,7 +11,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::tempdir::TempDir;
 
 use crate::devices::lock;
-use crate::devices::virtio::{self, RawFile};
+use crate::devices::virtio::{self, DiscardNet, NetBackend, RawFile};
 use crate::digest::{CHUNK_SIZE, DigestDifference, StateDigest};
 use crate::memory::PAGE_SIZE;
 use crate::testing::{SPIN, config, kvm_available, quiet, resident_pages, thp_always};
@@ -434,8 +434,168 @@ fn an_idle_large_vm_digests_quickly() {
     );
     // Only the few chunks building the VM wrote are read.
     assert!(took < Duration::from_secs(10), "{took:?}");
+    // And per page, only the few pages.
+    let pages = vm.page_digest().unwrap();
+    assert!(pages.chunks.len() < 64, "{} pages", pages.chunks.len());
     assert!(
         crate::testing::resident_pages() < 256 << 10,
         "the digest must not read all of RAM"
     );
+}
+
+/// A network back end that records when it is dropped.
+struct DropFlag(DiscardNet, std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.1.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl NetBackend for DropFlag {
+    fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        self.0.send(frame)
+    }
+    fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.recv(buf)
+    }
+    fn ready_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.0.ready_fd()
+    }
+}
+
+#[test]
+fn an_incoming_vm_runs_with_a_discarding_network_back_end() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new().unwrap();
+    let path = image(&dir, "disk.img");
+    // The tap does not exist: only a network back end of its own lets the
+    // VM attach its back ends.
+    let net = vec![NetConfig {
+        tap: "tvdiscard0".into(),
+        mac: None,
+    }];
+    let vm = Vm::new_incoming(&config(SPIN, 64 << 20, net, vec![disk(&path)]), quiet()).unwrap();
+    assert_eq!(vm.net_count(), 1);
+    assert!(matches!(
+        vm.attach_backends(),
+        Err(Error::Virtio(virtio::Error::TapMissing { .. }))
+    ));
+
+    // Index 1 is the disk: not a network device.
+    let err = vm
+        .set_net_backend(1, Box::new(DiscardNet::new().unwrap()))
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::NoSuchNetDevice { index: 1, count: 1 }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("no network device 1"), "{err}");
+
+    let dropped = Arc::new(AtomicBool::new(false));
+    let first = DropFlag(DiscardNet::new().unwrap(), dropped.clone());
+    vm.set_net_backend(0, Box::new(first)).unwrap();
+    let devices = vm.virtio_devices();
+    assert!(lock(&devices[0]).has_backend());
+    assert!(!lock(&devices[1]).has_backend());
+    // Only the disk is opened.
+    vm.attach_backends().unwrap();
+    assert!(vm.backends_attached());
+    assert!(RawFile::open(&path, false).is_err(), "the disk is locked");
+    assert!(!dropped.load(Ordering::SeqCst));
+
+    vm.resume().unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    let discard = DiscardNet::new().unwrap();
+    assert!(matches!(
+        vm.set_net_backend(0, Box::new(discard.clone())),
+        Err(Error::NotPaused)
+    ));
+    vm.pause().unwrap();
+    // The back end the device had is dropped for the new one.
+    vm.set_net_backend(0, Box::new(discard.clone())).unwrap();
+    assert!(dropped.load(Ordering::SeqCst));
+    vm.attach_backends().unwrap();
+    vm.resume().unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    // The guest drives no network device.
+    assert_eq!(discard.frames_dropped(), 0);
+    power_off(&vm);
+}
+
+#[test]
+fn a_page_digest_names_the_written_page() {
+    if !kvm_available() {
+        return;
+    }
+    let vm = Vm::new(&config(SPIN, 64 << 20, Vec::new(), Vec::new()), quiet()).unwrap();
+    vm.start().unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(matches!(vm.page_digest(), Err(Error::NotPaused)));
+    vm.pause().unwrap();
+    let one = vm.page_digest().unwrap();
+    assert_eq!(one, vm.page_digest().unwrap());
+    assert_eq!(one.chunk_size, PAGE_SIZE);
+    // Only what building the VM wrote, and the guest's stack, is listed:
+    // the kernel at 1 MiB among it.
+    assert!(one.chunks.len() < 64, "{} pages", one.chunks.len());
+    assert!(one.chunks.iter().any(|c| c.0 == 0x10_0000));
+    assert_eq!(
+        vm.digest().unwrap().first_difference(&one),
+        Some(DigestDifference::Layout)
+    );
+
+    // A byte in a page nothing had touched, then one in the kernel's page.
+    let gpa = 0x234_5678;
+    vm.memory().write_obj(0x42u8, GuestAddress(gpa)).unwrap();
+    let two = vm.page_digest().unwrap();
+    assert_eq!(
+        one.first_difference(&two),
+        Some(DigestDifference::Ram {
+            gpa: gpa & !(PAGE_SIZE - 1)
+        })
+    );
+    assert_eq!((one.devices, one.vcpus), (two.devices, two.vcpus));
+    vm.memory()
+        .write_obj(0x42u8, GuestAddress(0x10_0ff0))
+        .unwrap();
+    let three = vm.page_digest().unwrap();
+    assert_eq!(
+        two.first_difference(&three),
+        Some(DigestDifference::Ram { gpa: 0x10_0000 })
+    );
+    // Back to zeros: the page is populated but equal to an absent one.
+    vm.memory().write_obj(0u8, GuestAddress(gpa)).unwrap();
+    assert_eq!(
+        vm.page_digest().unwrap().first_difference(&three),
+        Some(DigestDifference::Ram {
+            gpa: gpa & !(PAGE_SIZE - 1)
+        })
+    );
+    vm.memory().write_obj(0u8, GuestAddress(0x10_0ff0)).unwrap();
+    let back = vm.page_digest().unwrap();
+    assert_eq!(back.first_difference(&one), None);
+    assert_eq!(back.hex(), one.hex());
+
+    // Every page written: every page listed, in order (hashed on several
+    // threads where the host has them).
+    let pattern: Vec<u8> = (0..64u32 << 20).map(|i| (i % 251) as u8 | 1).collect();
+    vm.memory().write_slice(&pattern, GuestAddress(0)).unwrap();
+    let full = vm.page_digest().unwrap();
+    assert_eq!(full.chunks.len(), (64 << 20) / PAGE_SIZE as usize);
+    for (i, (gpa, d)) in full.chunks.iter().enumerate() {
+        let at = i * PAGE_SIZE as usize;
+        assert_eq!(*gpa, at as u64);
+        if i % 1000 == 0 {
+            let want: [u8; 32] =
+                <sha2::Sha256 as sha2::Digest>::digest(&pattern[at..at + PAGE_SIZE as usize])
+                    .into();
+            assert_eq!(*d, want, "page {gpa:#x}");
+        }
+    }
+    power_off(&vm);
 }

@@ -16,6 +16,7 @@
 //! through vm-memory, whose `AtomicBitmap` marks the page dirty.
 
 pub mod block;
+pub mod discard;
 pub mod mmio;
 pub mod net;
 pub mod queue;
@@ -40,6 +41,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::memory::GuestMemoryMmap;
 
 pub use block::{Block, BlockBackend, RawFile};
+pub use discard::DiscardNet;
 pub use mmio::MmioTransport;
 pub use net::{Net, NetBackend};
 pub use queue::QueueState;

@@ -894,4 +894,39 @@ pub(crate) mod tests {
             assert!(err.contains(want), "{err}");
         }
     }
+
+    #[test]
+    fn a_discarding_back_end_takes_the_guests_frames_and_gives_none() {
+        let mem = test_memory();
+        let discard = crate::devices::virtio::DiscardNet::new().unwrap();
+        let rxq = TestQueue::at(&mem, 256, 0x10000);
+        let txq = TestQueue::at(&mem, 256, 0x20000);
+        let mut h = NetHandler::new(
+            "net-test".into(),
+            mem.clone(),
+            rxq.queue(),
+            txq.queue(),
+            Box::new(discard.clone()),
+        );
+        let f = frame(100, 3);
+        let mut one = vec![0u8; HDR_LEN];
+        one.extend_from_slice(&f);
+        mem.write_slice(&one, GuestAddress(0x100000)).unwrap();
+        for head in 0..2 {
+            txq.set_desc(head, 0x100000, one.len() as u32, 0, 0);
+            txq.push_avail(head);
+        }
+        rxq.set_desc(0, 0x101000, 2048, F_WRITE, 0);
+        rxq.push_avail(0);
+
+        assert!(h.process_tx());
+        assert_eq!(discard.frames_dropped(), 2);
+        // The guest gets its buffers back, as from any link.
+        assert_eq!(txq.used_idx(), 2);
+        assert_eq!(h.dropped, 0);
+        // Nothing ever arrives.
+        assert!(!h.process_rx());
+        assert_eq!(rxq.used_idx(), 0);
+        assert_eq!(h.pending, None);
+    }
 }
