@@ -77,6 +77,32 @@ pub enum MsgType {
     MigSummary,
     /// Migration: the destination has applied every page of a round.
     MigRoundAck,
+    /// COLO: the primary's request to protect (session, channels, VM shape, flags).
+    ColoBegin,
+    /// COLO: the secondary is ready for pages.
+    ColoReady,
+    /// COLO: first message on an extra page channel (session, index).
+    ColoJoin,
+    /// COLO: a batch of pages (the `MigPages` format).
+    ColoPages,
+    /// COLO: a round of pages ended (round, epoch).
+    ColoRoundEnd,
+    /// COLO: the secondary has every page of a round; the pages its guest
+    /// dirtied that are not staged.
+    ColoRoundAck,
+    /// COLO: the primary pauses for a checkpoint.
+    ColoPause,
+    /// COLO: the secondary paused; the pages its guest dirtied since its
+    /// last report that are not staged.
+    ColoSvmDirty,
+    /// COLO: the VM state of a checkpoint (and the digest in verify mode).
+    ColoState,
+    /// COLO: the secondary has received the whole checkpoint.
+    ColoReceived,
+    /// COLO: the secondary has applied and loaded the checkpoint and runs.
+    ColoLoaded,
+    /// COLO: the sender gives up; payload is the reason (UTF-8).
+    ColoAbort,
     /// A type this build does not know.
     Unknown(u16),
 }
@@ -104,6 +130,18 @@ impl MsgType {
             MsgType::MigAbort => 0x010b,
             MsgType::MigSummary => 0x010c,
             MsgType::MigRoundAck => 0x010d,
+            MsgType::ColoBegin => 0x0201,
+            MsgType::ColoReady => 0x0202,
+            MsgType::ColoJoin => 0x0203,
+            MsgType::ColoPages => 0x0204,
+            MsgType::ColoRoundEnd => 0x0205,
+            MsgType::ColoRoundAck => 0x0206,
+            MsgType::ColoPause => 0x0207,
+            MsgType::ColoSvmDirty => 0x0208,
+            MsgType::ColoState => 0x0209,
+            MsgType::ColoReceived => 0x020a,
+            MsgType::ColoLoaded => 0x020b,
+            MsgType::ColoAbort => 0x020c,
             MsgType::Unknown(v) => v,
         }
     }
@@ -130,6 +168,18 @@ impl MsgType {
             0x010b => MsgType::MigAbort,
             0x010c => MsgType::MigSummary,
             0x010d => MsgType::MigRoundAck,
+            0x0201 => MsgType::ColoBegin,
+            0x0202 => MsgType::ColoReady,
+            0x0203 => MsgType::ColoJoin,
+            0x0204 => MsgType::ColoPages,
+            0x0205 => MsgType::ColoRoundEnd,
+            0x0206 => MsgType::ColoRoundAck,
+            0x0207 => MsgType::ColoPause,
+            0x0208 => MsgType::ColoSvmDirty,
+            0x0209 => MsgType::ColoState,
+            0x020a => MsgType::ColoReceived,
+            0x020b => MsgType::ColoLoaded,
+            0x020c => MsgType::ColoAbort,
             other => MsgType::Unknown(other),
         }
     }

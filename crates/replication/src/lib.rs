@@ -7,6 +7,7 @@
 //! `docs/replication-link.md` and `docs/migration.md`.
 
 pub mod auth;
+pub mod colo;
 pub mod frame;
 pub mod handshake;
 pub mod link;
@@ -16,7 +17,7 @@ mod pageio;
 pub use auth::{AuthKey, AuthKeyError};
 pub use frame::{Frame, FrameError, Header, MsgType};
 pub use handshake::{HandshakeConfig, HandshakeError, Peer, RefuseReason, Role};
-pub use link::{Link, LinkConfig, LinkError, PROTOCOL_VERSION};
+pub use link::{Link, LinkConfig, LinkError, LinkSender, PROTOCOL_VERSION};
 
 /// `err` and its `source()` chain on one line, joined with ": " (a source
 /// whose text the message already ends with is not repeated).

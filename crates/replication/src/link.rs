@@ -57,6 +57,8 @@ pub enum LinkError {
     UnknownMandatory(u16),
     #[error("payload of {0} bytes is too large to send")]
     PayloadTooLarge(usize),
+    #[error("this link's sending half was split off")]
+    SendSplit,
 }
 
 /// A framed, sequenced connection to the peer.
@@ -69,6 +71,50 @@ pub struct Link {
     rx_seq: u64,
     /// If set, every read is bounded by this instant (used by the handshake).
     deadline: Option<Instant>,
+    /// Set by [`Link::split`]: sending belongs to the [`LinkSender`].
+    tx_split: bool,
+}
+
+/// The sending half of a [`Link`] ([`Link::split`]), for a thread that
+/// sends while another receives.
+#[derive(Debug)]
+pub struct LinkSender {
+    stream: TcpStream,
+    version: u16,
+    tx_seq: u64,
+}
+
+impl LinkSender {
+    /// Sends a mandatory message.
+    pub fn send(&mut self, msg_type: MsgType, payload: &[u8]) -> Result<(), LinkError> {
+        let header = header_for(self.version, msg_type, 0, payload, self.tx_seq)?;
+        frame::write_frame(&mut self.stream, &header, payload)?;
+        self.tx_seq += 1;
+        Ok(())
+    }
+
+    /// The underlying stream.
+    pub fn stream(&self) -> &TcpStream {
+        &self.stream
+    }
+}
+
+fn header_for(
+    version: u16,
+    msg_type: MsgType,
+    flags: u16,
+    payload: &[u8],
+    sequence: u64,
+) -> Result<Header, LinkError> {
+    let payload_len =
+        u32::try_from(payload.len()).map_err(|_| LinkError::PayloadTooLarge(payload.len()))?;
+    Ok(Header {
+        version,
+        msg_type,
+        flags,
+        payload_len,
+        sequence,
+    })
 }
 
 impl Link {
@@ -121,6 +167,7 @@ impl Link {
             tx_seq: 0,
             rx_seq: 0,
             deadline: None,
+            tx_split: false,
         };
         link.apply_timeouts()?;
         Ok(link)
@@ -194,18 +241,29 @@ impl Link {
         flags: u16,
         payload: &[u8],
     ) -> Result<(), LinkError> {
-        let payload_len =
-            u32::try_from(payload.len()).map_err(|_| LinkError::PayloadTooLarge(payload.len()))?;
-        let header = Header {
-            version: self.version,
-            msg_type,
-            flags,
-            payload_len,
-            sequence: self.tx_seq,
-        };
+        if self.tx_split {
+            return Err(LinkError::SendSplit);
+        }
+        let header = header_for(self.version, msg_type, flags, payload, self.tx_seq)?;
         frame::write_frame(&mut self.stream, &header, payload)?;
         self.tx_seq += 1;
         Ok(())
+    }
+
+    /// Splits off the sending half: from now on this link only receives
+    /// (its sends fail with [`LinkError::SendSplit`]) and the returned
+    /// [`LinkSender`] sends, continuing the sequence numbers.
+    pub fn split(&mut self) -> Result<LinkSender, LinkError> {
+        if self.tx_split {
+            return Err(LinkError::SendSplit);
+        }
+        let stream = self.stream.try_clone().map_err(LinkError::Socket)?;
+        self.tx_split = true;
+        Ok(LinkSender {
+            stream,
+            version: self.version,
+            tx_seq: self.tx_seq,
+        })
     }
 
     /// Receives one frame without version or type policy (sequence is still checked).

@@ -33,8 +33,10 @@ pub fn guest_config(memory: u64, cmdline: &str) -> VmConfig {
 /// written is shared, so that a VM restored from a snapshot can finish the
 /// line its original was in the middle of.
 pub struct LineSink {
-    partial: Arc<Mutex<Vec<u8>>>,
-    lines: Sender<String>,
+    /// The line being written.
+    pub partial: Arc<Mutex<Vec<u8>>>,
+    /// Where complete lines go.
+    pub lines: Sender<String>,
 }
 
 impl Write for LineSink {
