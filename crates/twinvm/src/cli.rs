@@ -1,5 +1,5 @@
-//! The command line: `twinvm run [OPTIONS]` and `twinvm ctl --socket PATH
-//! ACTION`.
+//! The command line: `twinvm run [OPTIONS]`, `twinvm pair [OPTIONS]` and
+//! `twinvm ctl --socket PATH ACTION`.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use clap::builder::{OsStringValueParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand};
 
+use crate::colo::{self, Role};
 use crate::{config, devices, migration, size};
 
 /// twinvm: a KVM virtual machine monitor.
@@ -19,11 +20,16 @@ pub struct Cli {
 }
 
 impl Cli {
-    /// The checks of [`RunArgs::validate`] for whichever subcommand was
-    /// given; a failure is a usage error.
-    pub fn validate(&self) -> Result<(), devices::Error> {
+    /// The checks of [`RunArgs::validate`] and
+    /// [`RunArgs::validate_replication`] (or [`PairArgs::validate`]) for
+    /// whichever subcommand was given; a failure is a usage error.
+    pub fn validate(&self) -> Result<(), String> {
         match &self.command {
-            Command::Run(args) => args.validate(),
+            Command::Run(args) => {
+                args.validate().map_err(|e| e.to_string())?;
+                args.validate_replication()
+            }
+            Command::Pair(args) => args.validate().map_err(|e| e.to_string()),
             Command::Ctl(_) => Ok(()),
         }
     }
@@ -37,6 +43,18 @@ pub enum Command {
     /// The guest's serial console is connected to stdin/stdout; logs go to
     /// stderr (filter with TWINVM_LOG, default "warn").
     Run(RunArgs),
+    /// Start a protected pair on this machine: a primary VM with its
+    /// console on this terminal, and a secondary kept in step with it by
+    /// checkpoints (docs/colo.md).
+    ///
+    /// Runs `twinvm run --role secondary` and `twinvm run --role primary`
+    /// as child processes, with a fresh auth key and VM id, their API
+    /// sockets and the secondary's console log in --dir. The secondary
+    /// gets its own copy of every disk image; network devices are used by
+    /// the primary only. Ends when the primary's guest powers off (or on
+    /// Ctrl-C / SIGTERM), stopping the secondary; exits with the primary's
+    /// status.
+    Pair(PairArgs),
     /// Control a running VM through its API socket (see `run --api-socket`).
     Ctl(CtlArgs),
 }
@@ -99,6 +117,9 @@ pub enum CtlAction {
         #[arg(long)]
         verify: bool,
     },
+    /// Take a COLO checkpoint now (a primary whose pair is protected) and
+    /// print its figures as JSON: pause time, pages, bytes.
+    Checkpoint,
 }
 
 /// Options of `twinvm run`. Each one overrides the same setting in the
@@ -180,6 +201,125 @@ pub struct RunArgs {
     /// otherwise).
     #[arg(long)]
     pub verify_migration: bool,
+
+    /// COLO fault tolerance (docs/colo.md): `primary` runs the guest and
+    /// keeps the secondary at --peer in step with checkpoints; `secondary`
+    /// waits on --listen for its primary and runs its copy of the guest.
+    /// Not with --incoming or --restore.
+    #[arg(long, value_name = "ROLE")]
+    pub role: Option<Role>,
+
+    /// The primary's secondary: the address its --listen gives.
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_connect_addr)]
+    pub peer: Option<String>,
+
+    /// Where a secondary waits for its primary (e.g. 0.0.0.0:7777); port 0
+    /// is refused.
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_colo_listen_addr)]
+    pub listen: Option<String>,
+
+    /// Time between two checkpoints, 10 to 3600000 [default: 500]
+    #[arg(long, value_name = "MS", value_parser = parse_interval_ms, allow_hyphen_values = true)]
+    pub checkpoint_interval_ms: Option<u64>,
+
+    /// TCP connections pages travel on to the secondary, 1 to 16
+    /// [default: 1]
+    #[arg(long, value_name = "N", value_parser = parse_colo_channels, allow_hyphen_values = true)]
+    pub replication_channels: Option<u16>,
+
+    /// Debug: compare digests of guest RAM and state on both sides at
+    /// every checkpoint; a mismatch ends protection naming the first page
+    /// that differs.
+    #[arg(long)]
+    pub verify_checkpoints: bool,
+
+    /// The protected VM's identity, 32 hex digits; give both sides the
+    /// same. A secondary with one refuses a primary announcing another.
+    #[arg(long, value_name = "HEX32", value_parser = parse_vm_id)]
+    pub vm_id: Option<[u8; 16]>,
+
+    /// Staged bytes on the secondary at which the primary checkpoints
+    /// early, a size like --memory; 0 means an eighth of guest RAM
+    /// [default: 0]
+    #[arg(long, value_name = "SIZE", value_parser = parse_staging_limit, allow_hyphen_values = true)]
+    pub staging_limit: Option<u64>,
+}
+
+/// Options of `twinvm pair`: the VM's (as for `twinvm run`) and where the
+/// pair keeps its files.
+#[derive(Debug, Default, Clone, Args)]
+pub struct PairArgs {
+    /// Directory for the pair's auth key, API sockets
+    /// (primary.sock, secondary.sock), the secondary's console log and
+    /// its disk copies; created if needed [default: a new directory
+    /// under $TMPDIR or /tmp]
+    #[arg(long, value_name = "DIR", value_parser = OsStringValueParser::new().try_map(parse_path_arg))]
+    pub dir: Option<PathBuf>,
+
+    /// Local TCP port the secondary listens on for its primary
+    /// [default: a free port]
+    #[arg(long, value_name = "PORT", value_parser = parse_port, allow_hyphen_values = true)]
+    pub port: Option<u16>,
+
+    /// Kernel to boot: a Linux bzImage or an x86_64 ELF image
+    /// [default: the bundled test guest]
+    #[arg(long, value_name = "PATH", value_parser = OsStringValueParser::new().try_map(parse_path_arg))]
+    pub kernel: Option<PathBuf>,
+
+    /// Initramfs for a Linux kernel.
+    #[arg(long, value_name = "PATH", value_parser = OsStringValueParser::new().try_map(parse_path_arg))]
+    pub initrd: Option<PathBuf>,
+
+    /// Extra kernel command line, appended to twinvm's defaults.
+    #[arg(long, value_name = "STR")]
+    pub cmdline: Option<String>,
+
+    /// Guest memory, as for `twinvm run` [default: 256M]
+    #[arg(long, value_name = "SIZE", value_parser = parse_memory_arg, allow_hyphen_values = true)]
+    pub memory: Option<u64>,
+
+    /// Number of vCPUs, 1 to 255 [default: 1]
+    #[arg(long, value_name = "N", value_parser = parse_cpus_arg, allow_hyphen_values = true)]
+    pub cpus: Option<u8>,
+
+    /// Network device on the host tap NAME, as for `twinvm run`; used by
+    /// the primary only (the secondary's copy reaches no network).
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]", value_parser = parse_net_arg)]
+    pub net: Vec<vmm::NetConfig>,
+
+    /// Disk on the raw image PATH, as for `twinvm run`; the primary uses
+    /// PATH, the secondary a copy made in --dir at start.
+    #[arg(
+        long,
+        value_name = "PATH[,readonly][,serial=ID]",
+        value_parser = OsStringValueParser::new().try_map(parse_disk_arg)
+    )]
+    pub disk: Vec<vmm::DiskConfig>,
+
+    /// Time between two checkpoints, 10 to 3600000 [default: 500]
+    #[arg(long, value_name = "MS", value_parser = parse_interval_ms, allow_hyphen_values = true)]
+    pub checkpoint_interval_ms: Option<u64>,
+
+    /// TCP connections pages travel on, 1 to 16 [default: 1]
+    #[arg(long, value_name = "N", value_parser = parse_colo_channels, allow_hyphen_values = true)]
+    pub replication_channels: Option<u16>,
+
+    /// Debug: compare digests of both VMs at every checkpoint.
+    #[arg(long)]
+    pub verify_checkpoints: bool,
+
+    /// Staged bytes at which the primary checkpoints early; 0 means an
+    /// eighth of guest RAM [default: 0]
+    #[arg(long, value_name = "SIZE", value_parser = parse_staging_limit, allow_hyphen_values = true)]
+    pub staging_limit: Option<u64>,
+}
+
+impl PairArgs {
+    /// Like [`RunArgs::validate`]: no tap or image twice.
+    pub fn validate(&self) -> Result<(), devices::Error> {
+        devices::check_unique_taps(&self.net)?;
+        devices::check_unique_disks(&self.disk)
+    }
 }
 
 impl RunArgs {
@@ -189,6 +329,14 @@ impl RunArgs {
     pub fn validate(&self) -> Result<(), devices::Error> {
         devices::check_unique_taps(&self.net)?;
         devices::check_unique_disks(&self.disk)
+    }
+
+    /// Checks the replication options given on the command line against
+    /// each other ([`config::check_replication`]). Whatever a config file
+    /// could still supply (a role, a peer) is checked once it is read.
+    pub fn validate_replication(&self) -> Result<(), String> {
+        let given = config::ReplicationSources::of_args(self);
+        config::check_replication(&given, self.config.is_none())
     }
 }
 
@@ -223,6 +371,33 @@ fn parse_in_range(s: &str, range: &std::ops::RangeInclusive<u64>) -> Result<u64,
         .parse()
         .map_err(|_| format!("'{s}' is not a whole number"))?;
     migration::check_range(n, range)
+}
+
+fn parse_colo_listen_addr(s: &str) -> Result<String, String> {
+    colo::check_listen_addr(s).map(|()| s.to_string())
+}
+
+fn parse_port(s: &str) -> Result<u16, String> {
+    parse_in_range(s, &(1..=u64::from(u16::MAX)))
+        .and_then(|n| u16::try_from(n).map_err(|e| e.to_string()))
+}
+
+fn parse_interval_ms(s: &str) -> Result<u64, String> {
+    parse_in_range(s, &colo::interval_ms_range())
+}
+
+fn parse_colo_channels(s: &str) -> Result<u16, String> {
+    parse_in_range(s, &colo::CHANNELS).and_then(|n| u16::try_from(n).map_err(|e| e.to_string()))
+}
+
+fn parse_vm_id(s: &str) -> Result<[u8; 16], String> {
+    colo::parse_vm_id(s)
+}
+
+fn parse_staging_limit(s: &str) -> Result<u64, String> {
+    size::parse_size(s)
+        .map_err(|e| e.to_string())
+        .and_then(colo::check_staging_limit)
 }
 
 fn parse_channels(s: &str) -> Result<u16, String> {
@@ -292,7 +467,7 @@ mod tests {
         let argv = std::iter::once("twinvm").chain(args.iter().copied());
         Cli::try_parse_from(argv).map(|cli| match cli.command {
             Command::Run(run) => run,
-            Command::Ctl(_) => panic!("not a run command"),
+            _ => panic!("not a run command"),
         })
     }
 
@@ -300,7 +475,7 @@ mod tests {
         let argv = ["twinvm", "ctl"].into_iter().chain(args.iter().copied());
         Cli::try_parse_from(argv).map(|cli| match cli.command {
             Command::Ctl(ctl) => ctl,
-            Command::Run(_) => panic!("not a ctl command"),
+            _ => panic!("not a ctl command"),
         })
     }
 
@@ -696,5 +871,170 @@ mod tests {
             assert!(msg.contains(want), "{args:?}: {msg}");
             assert!(!msg.contains('\n'), "{msg}");
         }
+    }
+
+    #[test]
+    fn replication_flags_parse() {
+        let a = parse(&[
+            "run",
+            "--role",
+            "primary",
+            "--peer",
+            "10.0.0.2:7777",
+            "--checkpoint-interval-ms",
+            "100",
+            "--replication-channels",
+            "4",
+            "--verify-checkpoints",
+            "--vm-id",
+            "00112233-4455-6677-8899-aabbccddeeff",
+            "--staging-limit",
+            "64M",
+        ])
+        .expect("valid arguments");
+        assert_eq!(a.role, Some(Role::Primary));
+        assert_eq!(a.peer.as_deref(), Some("10.0.0.2:7777"));
+        assert_eq!(a.checkpoint_interval_ms, Some(100));
+        assert_eq!(a.replication_channels, Some(4));
+        assert!(a.verify_checkpoints);
+        assert_eq!(a.vm_id.map(|v| v[0]), Some(0x00));
+        assert_eq!(a.vm_id.map(|v| v[15]), Some(0xff));
+        assert_eq!(a.staging_limit, Some(64 << 20));
+        assert_eq!(a.validate_replication(), Ok(()));
+        let a = parse(&["run", "--role", "secondary", "--listen", "0.0.0.0:7777"]).expect("valid");
+        assert_eq!(a.validate_replication(), Ok(()));
+        let a = parse(&["run", "--staging-limit", "0"]).expect("valid");
+        assert_eq!(a.staging_limit, Some(0));
+    }
+
+    #[test]
+    fn bad_replication_values_are_usage_errors() {
+        for (args, want) in [
+            (
+                &["--role", "tertiary"][..],
+                "possible values: primary, secondary",
+            ),
+            (&["--role", ""], "--role"),
+            (&["--peer", "h"], "has no port"),
+            (&["--peer", "h:0"], "port 0"),
+            (&["--listen", "0.0.0.0:0"], "port 0"),
+            (&["--listen", "::1:7"], "in brackets"),
+            (
+                &["--checkpoint-interval-ms", "9"],
+                "between 10 and 3600000, not 9",
+            ),
+            (&["--checkpoint-interval-ms", "3600001"], "between 10"),
+            (&["--checkpoint-interval-ms", "-1"], "between 10"),
+            (&["--checkpoint-interval-ms", "1s"], "not a whole number"),
+            (&["--replication-channels", "0"], "between 1 and 16, not 0"),
+            (&["--replication-channels", "17"], "between 1 and 16"),
+            (&["--vm-id", "0011"], "32 hex digits"),
+            (&["--vm-id", ""], "32 hex digits"),
+            (&["--staging-limit", "100"], "less than one page"),
+            (&["--staging-limit", "-1M"], "negative"),
+            (&["--staging-limit", "lots"], "not a size"),
+        ] {
+            let argv: Vec<&str> = std::iter::once("run").chain(args.iter().copied()).collect();
+            let err = parse(&argv).expect_err(&args.join(" "));
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+            let msg = one_line_message(&err);
+            assert!(msg.contains(args[0]), "{args:?}: {msg}");
+            assert!(msg.contains(want), "{args:?}: {msg}");
+            assert!(!msg.contains('\n'), "{msg}");
+        }
+    }
+
+    #[test]
+    fn replication_flags_must_fit_together() {
+        for (args, want) in [
+            (&["--role", "primary"][..], "--role primary needs"),
+            (&["--role", "secondary"], "--role secondary needs"),
+            (
+                &["--role", "secondary", "--listen", "h:1", "--peer", "h:2"],
+                "--peer is for a primary",
+            ),
+            (
+                &["--role", "primary", "--peer", "h:1", "--listen", "h:2"],
+                "--listen is for a secondary",
+            ),
+            (&["--peer", "h:1"], "--peer is a replication setting"),
+            (
+                &["--verify-checkpoints"],
+                "--verify-checkpoints is a replication setting",
+            ),
+            (
+                &[
+                    "--role",
+                    "secondary",
+                    "--listen",
+                    "h:1",
+                    "--incoming",
+                    "h:2",
+                ],
+                "--role secondary cannot be used with --incoming",
+            ),
+            (
+                &["--role", "primary", "--peer", "h:1", "--restore", "/s"],
+                "--role primary cannot be used with --restore",
+            ),
+        ] {
+            let argv: Vec<&str> = std::iter::once("run").chain(args.iter().copied()).collect();
+            let a = parse(&argv).expect("each value is valid");
+            let err = a.validate_replication().expect_err(&args.join(" "));
+            assert!(err.contains(want), "{args:?}: {err}");
+        }
+        // With a config file, a role or an address may come from it.
+        let a = parse(&["run", "--role", "primary", "--config", "vm.toml"]).expect("valid");
+        assert_eq!(a.validate_replication(), Ok(()));
+        let a = parse(&["run", "--peer", "h:1", "--config", "vm.toml"]).expect("valid");
+        assert_eq!(a.validate_replication(), Ok(()));
+    }
+
+    #[test]
+    fn pair_and_checkpoint_parse() {
+        let cli = Cli::try_parse_from([
+            "twinvm",
+            "pair",
+            "--dir",
+            "/tmp/p",
+            "--port",
+            "7777",
+            "--memory",
+            "64M",
+            "--net",
+            "tap=t0",
+            "--disk",
+            "a.img",
+            "--checkpoint-interval-ms",
+            "50",
+            "--replication-channels",
+            "2",
+            "--verify-checkpoints",
+        ])
+        .expect("valid");
+        let Command::Pair(p) = cli.command else {
+            panic!("not pair")
+        };
+        assert_eq!(p.dir, Some(PathBuf::from("/tmp/p")));
+        assert_eq!(p.port, Some(7777));
+        assert_eq!(p.memory, Some(64 << 20));
+        assert_eq!((p.net.len(), p.disk.len()), (1, 1));
+        assert_eq!(p.checkpoint_interval_ms, Some(50));
+        assert_eq!(p.replication_channels, Some(2));
+        assert!(p.verify_checkpoints);
+        for bad in [
+            &["pair", "--port", "0"][..],
+            &["pair", "--port", "65536"],
+            &["pair", "--dir", ""],
+            &["pair", "--role", "primary"],
+            &["pair", "--api-socket", "/s"],
+            &["pair", "--checkpoint-interval-ms", "1"],
+        ] {
+            let err = Cli::try_parse_from(std::iter::once("twinvm").chain(bad.iter().copied()))
+                .expect_err(&bad.join(" "));
+            assert_eq!(err.exit_code(), 2, "{bad:?}");
+        }
+        let a = parse_ctl(&["--socket", "/s", "checkpoint"]).expect("checkpoint");
+        assert_eq!(a.action, CtlAction::Checkpoint);
     }
 }

@@ -25,20 +25,32 @@
 //! auth_key = "migration.key"   # shared secret, both directions
 //! incoming = "0.0.0.0:4444"    # receive the VM by migration
 //! verify = false               # debug: digest compare at switchover
+//!
+//! [replication]                # COLO protection (docs/colo.md)
+//! role = "primary"             # or "secondary"
+//! peer = "10.0.0.2:7777"       # primary: the secondary's `listen`
+//! listen = "0.0.0.0:7777"      # secondary: where the primary connects
+//! interval_ms = 500            # checkpoint interval
+//! channels = 1                 # page channels
+//! verify = false               # debug: digest compare at checkpoints
+//! vm_id = "00112233445566778899aabbccddeeff"
+//! staging_limit = "64M"        # or bytes; 0: an eighth of guest RAM
+//! auth_key = "colo.key"        # default: `migration.auth_key`
 //! ```
 //!
 //! Every table rejects unknown keys, so a typo is an error that names the
 //! key. Every key is optional except `net.tap` and `disk.path`. Relative
-//! paths are resolved against the directory of the config file. Later
-//! sections (`[replication]`) become further fields of [`ConfigFile`].
+//! paths are resolved against the directory of the config file.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
 
 use crate::cli::RunArgs;
+use crate::colo::{self, Role};
 use crate::{devices, migration, size};
 
 /// Guest memory when neither the command line nor the file sets it.
@@ -101,6 +113,10 @@ pub enum Error {
         /// The file.
         path: PathBuf,
     },
+    /// The replication settings do not fit together (from the file, or
+    /// the file and the command line).
+    #[error("{0}")]
+    Replication(String),
     /// No kernel given, and the binary carries no test guest.
     #[error(
         "no kernel given (--kernel or `vm.kernel`) and this twinvm was built without the bundled test guest"
@@ -137,6 +153,329 @@ pub struct ConfigFile {
     /// `[migration]`: live migration.
     #[serde(default)]
     pub migration: MigrationSection,
+    /// `[replication]`: COLO protection.
+    #[serde(default)]
+    pub replication: ReplicationSection,
+}
+
+/// The `[replication]` table. The key path is resolved once the file is
+/// loaded.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationSection {
+    /// Primary or secondary.
+    pub role: Option<RoleName>,
+    /// Primary: the secondary's address.
+    pub peer: Option<PeerAddr>,
+    /// Secondary: the address to wait for the primary on.
+    pub listen: Option<ColoListenAddr>,
+    /// Checkpoint interval in milliseconds.
+    pub interval_ms: Option<IntervalMs>,
+    /// Page channels.
+    pub channels: Option<ColoChannels>,
+    /// Compare digests at every checkpoint.
+    pub verify: Option<bool>,
+    /// The protected VM's identity.
+    pub vm_id: Option<VmIdHex>,
+    /// Staged bytes at which the primary checkpoints early.
+    pub staging_limit: Option<StagingLimit>,
+    /// The shared secret's file.
+    pub auth_key: Option<PathBuf>,
+}
+
+/// `"primary"` or `"secondary"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct RoleName(pub Role);
+
+impl TryFrom<String> for RoleName {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "primary" => Ok(RoleName(Role::Primary)),
+            "secondary" => Ok(RoleName(Role::Secondary)),
+            _ => Err(format!(
+                "invalid `role`: '{s}' is not a role; give \"primary\" or \"secondary\""
+            )),
+        }
+    }
+}
+
+/// A `host:port` to connect to ([`migration::check_addr`]).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct PeerAddr(pub String);
+
+impl TryFrom<String> for PeerAddr {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        migration::check_addr(&s, false)
+            .map(|()| PeerAddr(s))
+            .map_err(|e| format!("invalid `peer`: {e}"))
+    }
+}
+
+/// A `host:port` a secondary listens on ([`colo::check_listen_addr`]).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct ColoListenAddr(pub String);
+
+impl TryFrom<String> for ColoListenAddr {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        colo::check_listen_addr(&s)
+            .map(|()| ColoListenAddr(s))
+            .map_err(|e| format!("invalid `listen`: {e}"))
+    }
+}
+
+/// A checkpoint interval in milliseconds ([`colo::interval_ms_range`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "i64")]
+pub struct IntervalMs(pub u64);
+
+impl TryFrom<i64> for IntervalMs {
+    type Error = String;
+    fn try_from(n: i64) -> Result<Self, String> {
+        migration::check_range(n.into(), &colo::interval_ms_range())
+            .map(IntervalMs)
+            .map_err(|e| format!("invalid `interval_ms`: {e}"))
+    }
+}
+
+/// A number of page channels ([`colo::CHANNELS`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "i64")]
+pub struct ColoChannels(pub u16);
+
+impl TryFrom<i64> for ColoChannels {
+    type Error = String;
+    fn try_from(n: i64) -> Result<Self, String> {
+        migration::check_range(n.into(), &colo::CHANNELS)
+            .and_then(|n| u16::try_from(n).map_err(|e| e.to_string()))
+            .map(ColoChannels)
+            .map_err(|e| format!("invalid `channels`: {e}"))
+    }
+}
+
+/// A VM identity written as 32 hex digits ([`colo::parse_vm_id`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct VmIdHex(pub [u8; 16]);
+
+impl TryFrom<String> for VmIdHex {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        colo::parse_vm_id(&s)
+            .map(VmIdHex)
+            .map_err(|e| format!("invalid `vm_id`: {e}"))
+    }
+}
+
+/// A staging limit: a size string such as "64M" or an integer number of
+/// bytes; 0 or at least one page ([`colo::check_staging_limit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StagingLimit(pub u64);
+
+impl<'de> Deserialize<'de> for StagingLimit {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = StagingLimit;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a size such as \"64M\" or an integer number of bytes")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<StagingLimit, E> {
+                size::parse_size(s)
+                    .map_err(|e| e.to_string())
+                    .and_then(colo::check_staging_limit)
+                    .map(StagingLimit)
+                    .map_err(|e| E::custom(format!("invalid `staging_limit`: {e}")))
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<StagingLimit, E> {
+                if n < 0 {
+                    return Err(E::custom(format!(
+                        "invalid `staging_limit`: {}",
+                        size::Error::Negative
+                    )));
+                }
+                self.visit_u64(n.unsigned_abs())
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<StagingLimit, E> {
+                colo::check_staging_limit(n)
+                    .map(StagingLimit)
+                    .map_err(|e| E::custom(format!("invalid `staging_limit`: {e}")))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Which replication settings were given, and where: each is the name of
+/// the flag or config key that gave it, for error messages.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReplicationSources {
+    /// The role, and what gave it ("--role primary").
+    pub role: Option<(Role, String)>,
+    /// What gave the peer address.
+    pub peer: Option<&'static str>,
+    /// What gave the listen address.
+    pub listen: Option<&'static str>,
+    /// What asked for an incoming migration.
+    pub incoming: Option<&'static str>,
+    /// `--restore` was given.
+    pub restore: bool,
+    /// What gave the settings that need a role but fit either.
+    pub others: Vec<&'static str>,
+}
+
+impl ReplicationSources {
+    /// The settings given on the command line alone.
+    pub fn of_args(args: &RunArgs) -> ReplicationSources {
+        Self::merged(args, &ReplicationSection::default(), false)
+    }
+
+    /// The settings of the command line and the `[replication]` table;
+    /// `file_incoming`: the file asks for an incoming migration.
+    fn merged(
+        args: &RunArgs,
+        file: &ReplicationSection,
+        file_incoming: bool,
+    ) -> ReplicationSources {
+        let pick = |flag: bool, flag_name: &'static str, key: bool, key_name: &'static str| {
+            if flag {
+                Some(flag_name)
+            } else if key {
+                Some(key_name)
+            } else {
+                None
+            }
+        };
+        let role = match (args.role, file.role.map(|r| r.0)) {
+            (Some(r), _) => Some((r, format!("--role {}", r.name()))),
+            (None, Some(r)) => Some((r, format!("`replication.role = \"{}\"`", r.name()))),
+            (None, None) => None,
+        };
+        let others = [
+            pick(
+                args.checkpoint_interval_ms.is_some(),
+                "--checkpoint-interval-ms",
+                file.interval_ms.is_some(),
+                "`replication.interval_ms`",
+            ),
+            pick(
+                args.replication_channels.is_some(),
+                "--replication-channels",
+                file.channels.is_some(),
+                "`replication.channels`",
+            ),
+            pick(
+                args.verify_checkpoints,
+                "--verify-checkpoints",
+                file.verify.is_some(),
+                "`replication.verify`",
+            ),
+            pick(
+                args.vm_id.is_some(),
+                "--vm-id",
+                file.vm_id.is_some(),
+                "`replication.vm_id`",
+            ),
+            pick(
+                args.staging_limit.is_some(),
+                "--staging-limit",
+                file.staging_limit.is_some(),
+                "`replication.staging_limit`",
+            ),
+            pick(false, "", file.auth_key.is_some(), "`replication.auth_key`"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        ReplicationSources {
+            role,
+            peer: pick(
+                args.peer.is_some(),
+                "--peer",
+                file.peer.is_some(),
+                "`replication.peer`",
+            ),
+            listen: pick(
+                args.listen.is_some(),
+                "--listen",
+                file.listen.is_some(),
+                "`replication.listen`",
+            ),
+            incoming: pick(
+                args.incoming.is_some(),
+                "--incoming",
+                file_incoming,
+                "`migration.incoming`",
+            ),
+            restore: args.restore.is_some(),
+            others,
+        }
+    }
+}
+
+/// Checks that the replication settings fit together: a role with the
+/// address it needs and not the other side's, no role with `--incoming`
+/// or `--restore`, no replication setting without a role. `complete`:
+/// nothing else can supply a setting (no config file is still to be
+/// read), so a missing one is an error too.
+pub fn check_replication(given: &ReplicationSources, complete: bool) -> Result<(), String> {
+    let Some((role, role_name)) = &given.role else {
+        if complete
+            && let Some(first) = given
+                .peer
+                .iter()
+                .chain(&given.listen)
+                .chain(&given.others)
+                .next()
+        {
+            return Err(format!(
+                "{first} is a replication setting: give --role primary or --role secondary (or `replication.role`) too"
+            ));
+        }
+        return Ok(());
+    };
+    if let Some(incoming) = given.incoming {
+        return Err(format!(
+            "{role_name} cannot be used with {incoming}: a secondary receives its VM from its primary (use --role secondary --listen HOST:PORT)"
+        ));
+    }
+    if given.restore {
+        return Err(format!(
+            "{role_name} cannot be used with --restore: a protected pair starts from a booted guest"
+        ));
+    }
+    match role {
+        Role::Primary => {
+            if let Some(listen) = given.listen {
+                return Err(format!(
+                    "{listen} is for a secondary; a primary ({role_name}) connects to its secondary at --peer HOST:PORT"
+                ));
+            }
+            if complete && given.peer.is_none() {
+                return Err(format!(
+                    "{role_name} needs the secondary's address: --peer HOST:PORT (or `replication.peer`), the address its --listen gives"
+                ));
+            }
+        }
+        Role::Secondary => {
+            if let Some(peer) = given.peer {
+                return Err(format!(
+                    "{peer} is for a primary; a secondary ({role_name}) waits for its primary on --listen HOST:PORT"
+                ));
+            }
+            if complete && given.listen.is_none() {
+                return Err(format!(
+                    "{role_name} needs an address to wait for its primary on: --listen HOST:PORT (or `replication.listen`)"
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The `[migration]` table. The key path is resolved once the file is
@@ -408,6 +747,7 @@ impl ConfigFile {
             ("vm.initrd", &mut vm.initrd),
             ("api.socket", &mut file.api.socket),
             ("migration.auth_key", &mut file.migration.auth_key),
+            ("replication.auth_key", &mut file.replication.auth_key),
         ] {
             if let Some(p) = slot.take() {
                 if p.as_os_str().is_empty() {
@@ -514,6 +854,8 @@ pub struct Settings {
     pub api_socket: Option<PathBuf>,
     /// Live migration.
     pub migration: MigrationSettings,
+    /// COLO protection, if a role is given.
+    pub replication: Option<colo::Settings>,
 }
 
 /// The migration settings of `twinvm run`.
@@ -537,6 +879,7 @@ pub fn settings(args: &RunArgs, bundled_guest: &'static [u8]) -> Result<Settings
     };
     let api_socket = args.api_socket.clone().or(file.api.socket.take());
     let section = std::mem::take(&mut file.migration);
+    let file_incoming = section.incoming.is_some();
     let migration = MigrationSettings {
         incoming: args.incoming.clone().or(section.incoming.map(|a| a.0)),
         auth_key: args.auth_key.clone().or(section.auth_key),
@@ -549,10 +892,45 @@ pub fn settings(args: &RunArgs, bundled_guest: &'static [u8]) -> Result<Settings
         // Both on the command line is a usage error caught earlier.
         return Err(Error::IncomingWithRestore { path: path.clone() });
     }
+    let section = std::mem::take(&mut file.replication);
+    let sources = ReplicationSources::merged(args, &section, file_incoming);
+    check_replication(&sources, true).map_err(Error::Replication)?;
+    let replication = args.role.or(section.role.map(|r| r.0)).map(|role| {
+        let addr = match role {
+            Role::Primary => args.peer.clone().or(section.peer.map(|a| a.0)),
+            Role::Secondary => args.listen.clone().or(section.listen.map(|a| a.0)),
+        };
+        colo::Settings {
+            role,
+            // Checked above: the role's address is given.
+            addr: addr.unwrap_or_default(),
+            interval: Duration::from_millis(
+                args.checkpoint_interval_ms
+                    .or(section.interval_ms.map(|i| i.0))
+                    .unwrap_or_else(colo::default_interval_ms),
+            ),
+            channels: args
+                .replication_channels
+                .or(section.channels.map(|c| c.0))
+                .unwrap_or(1),
+            verify: args.verify_checkpoints || section.verify.unwrap_or(false),
+            vm_id: args.vm_id.or(section.vm_id.map(|v| v.0)),
+            staging_limit: args
+                .staging_limit
+                .or(section.staging_limit.map(|s| s.0))
+                .unwrap_or(0),
+            auth_key: args
+                .auth_key
+                .clone()
+                .or(section.auth_key)
+                .or(migration.auth_key.clone()),
+        }
+    });
     Ok(Settings {
         vm: merge(file, args, bundled_guest)?,
         api_socket,
         migration,
+        replication,
     })
 }
 
@@ -571,6 +949,7 @@ pub fn merge(
         disks: file_disks,
         api: _,
         migration: _,
+        replication: _,
     } = file;
     let kernel = match args.kernel.clone().or(file.kernel) {
         Some(path) => vmm::KernelSource::File(path),
@@ -777,14 +1156,7 @@ mod tests {
             cmdline: Some("y".into()),
             memory: Some(1 << 30),
             cpus: Some(3),
-            net: Vec::new(),
-            disk: Vec::new(),
-            api_socket: None,
-            config: None,
-            restore: None,
-            incoming: None,
-            auth_key: None,
-            verify_migration: false,
+            ..RunArgs::default()
         };
         let c = merge(file, &args, GUEST).expect("merge");
         assert_eq!(c.memory_bytes, 1 << 30);
@@ -1151,5 +1523,216 @@ mod tests {
             assert!(msg.contains(want), "{text}: {msg}");
             assert!(!msg.contains('\n'), "{msg}");
         }
+    }
+
+    #[test]
+    fn replication_table_parses_and_flags_win() {
+        let f = ConfigFile::parse(
+            r#"
+            [replication]
+            role = "primary"
+            peer = "10.0.0.2:7777"
+            interval_ms = 100
+            channels = 4
+            verify = true
+            vm_id = "00112233445566778899aabbccddeeff"
+            staging_limit = "64M"
+            auth_key = "keys/colo.key"
+            "#,
+            Path::new("/srv/vm/vm.toml"),
+        )
+        .expect("valid");
+        let r = &f.replication;
+        assert_eq!(r.role, Some(RoleName(Role::Primary)));
+        assert_eq!(r.peer, Some(PeerAddr("10.0.0.2:7777".into())));
+        assert_eq!(r.interval_ms, Some(IntervalMs(100)));
+        assert_eq!(r.channels, Some(ColoChannels(4)));
+        assert_eq!(r.verify, Some(true));
+        assert_eq!(r.vm_id.map(|v| v.0[15]), Some(0xff));
+        assert_eq!(r.staging_limit, Some(StagingLimit(64 << 20)));
+        assert_eq!(r.auth_key, Some(PathBuf::from("/srv/vm/keys/colo.key")));
+        let f = parse("[replication]\nstaging_limit = 0\n").expect("valid");
+        assert_eq!(f.replication.staging_limit, Some(StagingLimit(0)));
+
+        let dir = std::env::temp_dir().join(format!("twinvm-cfg-colo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let cfg = dir.join("vm.toml");
+        std::fs::write(
+            &cfg,
+            "[replication]\nrole = \"secondary\"\nlisten = \"0.0.0.0:7777\"\nchannels = 2\n\
+             [migration]\nauth_key = \"m.key\"\n",
+        )
+        .expect("write config");
+        let mut args = RunArgs {
+            config: Some(cfg.clone()),
+            ..RunArgs::default()
+        };
+        let s = settings(&args, GUEST).expect("settings");
+        assert_eq!(
+            s.replication,
+            Some(colo::Settings {
+                role: Role::Secondary,
+                addr: "0.0.0.0:7777".into(),
+                interval: replication::colo::DEFAULT_INTERVAL,
+                channels: 2,
+                verify: false,
+                vm_id: None,
+                staging_limit: 0,
+                // The migration key serves replication too.
+                auth_key: Some(dir.join("m.key")),
+            })
+        );
+        args.listen = Some("127.0.0.1:9".into());
+        args.replication_channels = Some(16);
+        args.checkpoint_interval_ms = Some(10);
+        args.verify_checkpoints = true;
+        args.vm_id = Some([1; 16]);
+        args.staging_limit = Some(1 << 20);
+        args.auth_key = Some("/flag.key".into());
+        let r = settings(&args, GUEST)
+            .expect("settings")
+            .replication
+            .unwrap();
+        assert_eq!(r.addr, "127.0.0.1:9");
+        assert_eq!(r.channels, 16);
+        assert_eq!(r.interval, Duration::from_millis(10));
+        assert!(r.verify);
+        assert_eq!(r.vm_id, Some([1; 16]));
+        assert_eq!(r.staging_limit, 1 << 20);
+        assert_eq!(r.auth_key, Some(PathBuf::from("/flag.key")));
+        // A role on the command line overrides the file's, and the file's
+        // listen address then does not fit.
+        args.role = Some(Role::Primary);
+        args.listen = None;
+        args.peer = Some("h:1".into());
+        let err = settings(&args, GUEST).expect_err("listen with primary");
+        assert!(
+            err.to_string()
+                .contains("`replication.listen` is for a secondary"),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+
+        let s = settings(&RunArgs::default(), GUEST).expect("settings");
+        assert_eq!(s.replication, None);
+    }
+
+    #[test]
+    fn bad_replication_tables_are_rejected() {
+        for (text, want) in [
+            (
+                "[replication]\nrole = \"tertiary\"\n",
+                "line 2, column 8: invalid `role`: 'tertiary' is not a role; give \"primary\" or \"secondary\"",
+            ),
+            ("[replication]\nrole = 1\n", "invalid type"),
+            (
+                "[replication]\npeer = \"h\"\n",
+                "line 2, column 8: invalid `peer`: 'h' has no port",
+            ),
+            ("[replication]\npeer = \"h:0\"\n", "port 0"),
+            ("[replication]\nlisten = \"0.0.0.0:0\"\n", "port 0"),
+            (
+                "[replication]\ninterval_ms = 5\n",
+                "invalid `interval_ms`: must be between 10 and 3600000, not 5",
+            ),
+            ("[replication]\ninterval_ms = \"1s\"\n", "invalid type"),
+            (
+                "[replication]\nchannels = 17\n",
+                "invalid `channels`: must be between 1 and 16, not 17",
+            ),
+            ("[replication]\nchannels = 0\n", "between 1 and 16"),
+            ("[replication]\nvm_id = \"abc\"\n", "invalid `vm_id`"),
+            ("[replication]\nvm_id = 5\n", "invalid type"),
+            (
+                "[replication]\nstaging_limit = 12\n",
+                "invalid `staging_limit`: 12 bytes is less than one page",
+            ),
+            (
+                "[replication]\nstaging_limit = -1\n",
+                "invalid `staging_limit`: size must not be negative",
+            ),
+            ("[replication]\nstaging_limit = \"x\"\n", "not a size"),
+            ("[replication]\nverify = \"yes\"\n", "invalid type"),
+            (
+                "[replication]\nauth_key = \"\"\n",
+                "`replication.auth_key` must not be empty",
+            ),
+            ("[replication]\nmode = 1\n", "unknown field `mode`"),
+        ] {
+            let msg = parse_err(text);
+            assert!(msg.contains(want), "{text}: {msg}");
+            assert!(!msg.contains('\n'), "{msg}");
+        }
+    }
+
+    #[test]
+    fn replication_settings_must_fit_together() {
+        let check = |args: &RunArgs, text: &str| {
+            let file = parse(text).expect("valid file");
+            let incoming = file.migration.incoming.is_some();
+            let given = ReplicationSources::merged(args, &file.replication, incoming);
+            check_replication(&given, true)
+        };
+        let none = RunArgs::default();
+        assert_eq!(check(&none, ""), Ok(()));
+        assert_eq!(
+            check(&none, "[replication]\nrole = \"primary\"\npeer = \"h:1\"\n"),
+            Ok(())
+        );
+        for (args, text, want) in [
+            (
+                &none,
+                "[replication]\nrole = \"primary\"\n",
+                "`replication.role = \"primary\"` needs the secondary's address",
+            ),
+            (
+                &none,
+                "[replication]\nrole = \"secondary\"\n",
+                "needs an address to wait for its primary on: --listen",
+            ),
+            (
+                &none,
+                "[replication]\nrole = \"secondary\"\nlisten = \"h:1\"\npeer = \"h:2\"\n",
+                "`replication.peer` is for a primary",
+            ),
+            (
+                &none,
+                "[replication]\ninterval_ms = 100\n",
+                "`replication.interval_ms` is a replication setting: give --role",
+            ),
+            (
+                &none,
+                "[replication]\nauth_key = \"k\"\n",
+                "`replication.auth_key` is a replication setting",
+            ),
+            (
+                &none,
+                "[replication]\nrole = \"secondary\"\nlisten = \"h:1\"\n[migration]\nincoming = \"h:2\"\n",
+                "cannot be used with `migration.incoming`",
+            ),
+        ] {
+            let err = check(args, text).expect_err(text);
+            assert!(err.contains(want), "{text}: {err}");
+        }
+        let restore = RunArgs {
+            restore: Some("/snap".into()),
+            ..RunArgs::default()
+        };
+        let err = check(
+            &restore,
+            "[replication]\nrole = \"primary\"\npeer = \"h:1\"\n",
+        )
+        .expect_err("restore");
+        assert!(err.contains("cannot be used with --restore"), "{err}");
+        // Without the file, what is missing is not an error yet.
+        let primary = RunArgs {
+            role: Some(Role::Primary),
+            ..RunArgs::default()
+        };
+        assert_eq!(
+            check_replication(&ReplicationSources::of_args(&primary), false),
+            Ok(())
+        );
+        assert!(check_replication(&ReplicationSources::of_args(&primary), true).is_err());
     }
 }

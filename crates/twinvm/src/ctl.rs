@@ -17,6 +17,8 @@ const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long to wait for a migration to end (it reports its progress in
 /// `twinvm ctl status` meanwhile).
 const MIGRATE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// How long to wait for a checkpoint (the VM gives up after 30 s).
+const CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(60);
 /// The most response bytes read.
 const MAX_RESPONSE: u64 = 1 << 20;
 
@@ -103,6 +105,7 @@ pub fn run(args: &CtlArgs) -> Result<(), Error> {
             body = Some(serde_json::to_vec(&req).map_err(|e| Error::BadResponse(e.to_string()))?);
             ("PUT", "/vm/migrate", String::new())
         }
+        CtlAction::Checkpoint => ("PUT", "/vm/checkpoint", String::new()),
     };
     let resp = call(&args.socket, method, path, body.as_deref())?;
     if !(200..300).contains(&resp.status) {
@@ -125,6 +128,12 @@ pub fn run(args: &CtlArgs) -> Result<(), Error> {
             .map_err(|e| Error::BadResponse(format!("the report is not valid JSON: {e}")))?;
         let text =
             serde_json::to_string_pretty(&report).map_err(|e| Error::BadResponse(e.to_string()))?;
+        println!("{text}");
+    } else if matches!(args.action, CtlAction::Checkpoint) {
+        let info: replication::colo::CheckpointInfo = serde_json::from_slice(&resp.body)
+            .map_err(|e| Error::BadResponse(format!("the checkpoint is not valid JSON: {e}")))?;
+        let text =
+            serde_json::to_string_pretty(&info).map_err(|e| Error::BadResponse(e.to_string()))?;
         println!("{text}");
     } else {
         println!("{done}");
@@ -156,6 +165,24 @@ pub fn call(
     path: &str,
     body: Option<&[u8]>,
 ) -> Result<ClientResponse, Error> {
+    let timeout = match path {
+        "/vm/snapshot" => SNAPSHOT_TIMEOUT,
+        "/vm/migrate" => MIGRATE_TIMEOUT,
+        "/vm/checkpoint" => CHECKPOINT_TIMEOUT,
+        _ => TIMEOUT,
+    };
+    call_within(socket, method, path, body, timeout)
+}
+
+/// [`call`], waiting at most `timeout` for the answer (and for the
+/// request to be taken).
+pub fn call_within(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<ClientResponse, Error> {
     let mut stream = UnixStream::connect(socket).map_err(|source| Error::Connect {
         path: socket.to_path_buf(),
         source,
@@ -164,13 +191,10 @@ pub fn call(
         path: socket.to_path_buf(),
         source,
     };
-    let timeout = match path {
-        "/vm/snapshot" => SNAPSHOT_TIMEOUT,
-        "/vm/migrate" => MIGRATE_TIMEOUT,
-        _ => TIMEOUT,
-    };
     stream.set_read_timeout(Some(timeout)).map_err(io)?;
-    stream.set_write_timeout(Some(TIMEOUT)).map_err(io)?;
+    stream
+        .set_write_timeout(Some(timeout.min(TIMEOUT)))
+        .map_err(io)?;
     stream
         .write_all(&http::request_bytes(method, path, body))
         .map_err(io)?;

@@ -4,14 +4,17 @@
 //! errors go to stderr. Exit status: 0 when the guest powers off or resets
 //! or the VM has migrated away, 1 on any error, 2 on a command-line usage
 //! error. `twinvm ctl` talks to the control API of a running VM
-//! (docs/api.md). Live migration: docs/migration.md.
+//! (docs/api.md). Live migration: docs/migration.md. `twinvm run --role`
+//! and `twinvm pair`: COLO protection, docs/colo.md.
 
 mod api;
 mod cli;
+mod colo;
 mod config;
 mod ctl;
 mod devices;
 mod migration;
+mod pair;
 mod size;
 mod testguest;
 
@@ -46,6 +49,15 @@ enum Error {
     /// The incoming migration failed; the VM never ran.
     #[error("incoming migration failed: {0}")]
     Incoming(String),
+    /// Replication could not be set up (parameters, `--listen` port).
+    #[error(transparent)]
+    Colo(#[from] colo::Error),
+    /// The secondary's replication failed before its guest ever ran.
+    #[error("replication failed before the secondary ran: {0}")]
+    Secondary(String),
+    /// `twinvm pair` failed.
+    #[error(transparent)]
+    Pair(#[from] pair::Error),
     /// `--restore DIR` names no directory.
     #[error("--restore '{}': {}", .0.display(), if .0.exists() { "not a directory" } else { "no such directory" })]
     NoSnapshotDir(std::path::PathBuf),
@@ -74,7 +86,7 @@ fn main() -> ExitCode {
     }
     init_logging();
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(err) => {
             eprintln!("twinvm: error: {}", error_chain(&err));
             ExitCode::FAILURE
@@ -82,7 +94,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: cli::Cli) -> Result<(), Error> {
+/// Runs the subcommand; returns the exit status.
+fn run(cli: cli::Cli) -> Result<u8, Error> {
     match cli.command {
         cli::Command::Run(args) => {
             match run_vm(&args)? {
@@ -90,9 +103,13 @@ fn run(cli: cli::Cli) -> Result<(), Error> {
                 vmm::VmExit::Migrated => tracing::info!("VM migrated"),
                 exit => tracing::info!(?exit, "VM ended"),
             }
-            Ok(())
+            Ok(0)
         }
-        cli::Command::Ctl(args) => Ok(ctl::run(&args)?),
+        cli::Command::Pair(args) => Ok(pair::run(&args)?),
+        cli::Command::Ctl(args) => {
+            ctl::run(&args)?;
+            Ok(0)
+        }
     }
 }
 
@@ -112,6 +129,7 @@ fn run_vm(args: &cli::RunArgs) -> Result<vmm::VmExit, Error> {
         restore = ?args.restore,
         incoming = ?settings.migration.incoming,
         auth_key = ?settings.migration.auth_key,
+        replication = ?settings.replication,
         "starting VM"
     );
     if let Some(dir) = &args.restore
@@ -128,6 +146,17 @@ fn run_vm(args: &cli::RunArgs) -> Result<vmm::VmExit, Error> {
             .transpose()?,
         verify: settings.migration.verify,
     };
+    let replication = settings.replication.as_ref();
+    let colo_params = replication
+        .map(|r| {
+            let key = match (&r.auth_key, &settings.migration.auth_key) {
+                // The same file: loaded already.
+                (Some(k), Some(m)) if k == m => defaults.auth_key.clone(),
+                (k, _) => k.as_deref().map(migration::load_auth_key).transpose()?,
+            };
+            Ok::<_, Error>(r.params(key)?)
+        })
+        .transpose()?;
     // The socket first: a bad path fails before anything boots, and the
     // socket is bound before any other thread exists (see api::server).
     let listener = settings
@@ -142,10 +171,19 @@ fn run_vm(args: &cli::RunArgs) -> Result<vmm::VmExit, Error> {
         .as_deref()
         .map(|addr| migration::listen(addr, &defaults))
         .transpose()?;
-    let vm = Arc::new(match incoming {
-        // Its taps and disks are attached when the source hands them over.
-        Some(_) => vmm::Vm::new_incoming(config, vmm::Console::stdio())?,
-        None => vmm::Vm::new(config, vmm::Console::stdio())?,
+    // Likewise a secondary's port.
+    let colo_listener = match (replication, &colo_params) {
+        (Some(r), Some(params)) if r.role == colo::Role::Secondary => {
+            Some(colo::listen(&r.addr, params.auth_key.is_some())?)
+        }
+        _ => None,
+    };
+    let vm = Arc::new(if incoming.is_some() || colo_listener.is_some() {
+        // Its taps and disks are attached when the source (or the
+        // primary's first checkpoint) hands them over.
+        vmm::Vm::new_incoming(config, vmm::Console::stdio())?
+    } else {
+        vmm::Vm::new(config, vmm::Console::stdio())?
     });
     if let Some(dir) = &args.restore {
         // The VM is built as usual (its kernel loaded), then its RAM and
@@ -156,17 +194,40 @@ fn run_vm(args: &cli::RunArgs) -> Result<vmm::VmExit, Error> {
         })?;
         tracing::info!(dir = %dir.display(), identity = %vm.identity(), "restored the snapshot");
     }
+    // A primary announces its VM's identity to the secondary, which
+    // refuses another than its --vm-id.
+    if let Some(r) = replication
+        && r.role == colo::Role::Primary
+        && let Some(id) = r.vm_id
+    {
+        vm.set_identity(vmm::VmId(id));
+    }
+    let colo_handle = replication.zip(colo_params.as_ref()).map(|(r, params)| {
+        let peer = match r.role {
+            colo::Role::Primary => r.addr.as_str(),
+            // Known once a primary connects.
+            colo::Role::Secondary => "",
+        };
+        replication::colo::Handle::new(r.role.colo(), peer, params)
+    });
     let summary = api::VmSummary::of(config);
-    let control = match &incoming {
-        Some(incoming) => listener.as_ref().map(|_| {
+    let control = match (&incoming, &colo_listener, &colo_handle) {
+        (Some(incoming), _, _) => listener.as_ref().map(|_| {
             api::vm::VmControl::incoming(vm.clone(), summary, defaults, incoming.progress())
         }),
-        None => {
+        (None, Some(_), Some(handle)) => listener
+            .as_ref()
+            .map(|_| api::vm::VmControl::secondary(vm.clone(), summary, defaults, handle.clone())),
+        _ => {
             vm.start()?;
             let started = Instant::now();
-            listener
-                .as_ref()
-                .map(|_| api::vm::VmControl::new(vm.clone(), summary, defaults, started))
+            listener.as_ref().map(|_| {
+                let control = api::vm::VmControl::new(vm.clone(), summary, defaults, started);
+                match &colo_handle {
+                    Some(handle) => control.replicated(handle.clone()),
+                    None => control,
+                }
+            })
         }
     }
     .map(Arc::new);
@@ -180,15 +241,36 @@ fn run_vm(args: &cli::RunArgs) -> Result<vmm::VmExit, Error> {
     let incoming = incoming
         .map(|incoming| incoming.spawn(vm.clone(), control.clone()))
         .transpose()?;
+    let protection = match (replication, colo_params, colo_handle) {
+        (Some(r), Some(params), Some(handle)) => Some(match colo_listener {
+            Some(colo_listener) => colo::Replication::spawn_secondary(
+                vm.clone(),
+                colo_listener,
+                params,
+                handle,
+                control.clone(),
+            )?,
+            None => colo::Replication::spawn_primary(vm.clone(), r.addr.clone(), params, handle)?,
+        }),
+        _ => None,
+    };
     let exit = vm.wait();
     if let Some(control) = &control {
         control.mark_ended();
     }
+    let secondary_failure = protection.and_then(|p| {
+        let failure = p.failure();
+        p.stop(colo::STOP_BOUND);
+        failure
+    });
     if let Some(server) = server {
         server.stop(API_GRACE);
     }
     if let Some(failure) = incoming.and_then(|i| i.failure()) {
         return Err(Error::Incoming(failure));
+    }
+    if let Some(failure) = secondary_failure {
+        return Err(Error::Secondary(failure));
     }
     Ok(exit?)
 }

@@ -317,3 +317,137 @@ fn config_file_socket_replaces_a_stale_one_and_a_live_one_is_refused() {
     assert_eq!(vm.wait_exit(T).unwrap().code(), Some(0));
     assert!(!socket.exists());
 }
+
+#[test]
+fn checkpoint_is_refused_without_replication() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("api-ckpt");
+    let socket = dir.path().join("api.sock");
+    let mut vm = Twinvm::spawn(&["run", "--memory", "64M", "--api-socket", path_str(&socket)]);
+    vm.wait_for_line(|l| l == BANNER, T).unwrap();
+
+    let s = status(&vm, &socket);
+    assert!(s.get("replication").is_none(), "{s}");
+
+    let r = raw(
+        &socket,
+        b"PUT /vm/checkpoint HTTP/1.1\r\n\r\n",
+        Duration::from_secs(10),
+    );
+    assert_eq!(status_code(&r), Some(409), "{r:?}");
+    let msg = error_text(&r);
+    assert!(msg.contains("not replicated"), "{msg}");
+    assert!(!msg.contains('\n'), "{msg}");
+    let r = raw(&socket, b"GET /vm/checkpoint HTTP/1.1\r\n\r\n", T);
+    assert_eq!(status_code(&r), Some(405), "{r:?}");
+
+    let (code, stdout, stderr) = ctl(&socket, "checkpoint");
+    assert_eq!(code.code(), Some(1), "{stderr}");
+    assert!(stdout.is_empty(), "{stdout}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("twinvm: error: the VM answered 409 Conflict: cannot take a checkpoint"),
+        "{stderr}"
+    );
+
+    // Nothing changed: the VM still takes the usual requests.
+    ctl_ok(&vm, &socket, "pause");
+    ctl_ok(&vm, &socket, "resume");
+    ctl_ok(&vm, &socket, "stop");
+    assert_eq!(vm.wait_exit(T).unwrap().code(), Some(0));
+}
+
+#[test]
+fn a_primary_without_its_secondary_runs_and_refuses_what_would_split_the_pair() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("api-primary");
+    let socket = dir.path().join("api.sock");
+    // A port nothing listens on: the primary keeps trying to reach it.
+    let peer = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("address").to_string()
+    };
+    let mut vm = Twinvm::spawn(&[
+        "run",
+        "--memory",
+        "64M",
+        "--api-socket",
+        path_str(&socket),
+        "--role",
+        "primary",
+        "--peer",
+        &peer,
+        "--checkpoint-interval-ms",
+        "200",
+        "--vm-id",
+        "00112233445566778899aabbccddeeff",
+    ]);
+    // The guest runs unprotected meanwhile.
+    vm.wait_for_line(|l| l == BANNER, T).unwrap();
+    vm.wait_for_line(is_counter, T).unwrap();
+
+    let s = status(&vm, &socket);
+    let r = &s["replication"];
+    assert_eq!(r["role"], "primary", "{s}");
+    assert_eq!(r["peer"], peer.as_str(), "{s}");
+    assert_eq!(r["interval_ms"], 200.0, "{s}");
+    assert_ne!(r["state"], "protected", "{s}");
+    assert_eq!(s["state"], "running", "{s}");
+
+    let r = raw(&socket, b"PUT /vm/checkpoint HTTP/1.1\r\n\r\n", T);
+    assert_eq!(status_code(&r), Some(409), "{r:?}");
+    assert!(
+        error_text(&r).starts_with("cannot take a checkpoint: "),
+        "{r:?}"
+    );
+    for (action, verb) in [("pause", "pause"), ("resume", "resume")] {
+        let (code, _, stderr) = ctl(&socket, action);
+        assert_eq!(code.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains(&format!("cannot {verb} the VM: COLO replication is active")),
+            "{stderr}"
+        );
+    }
+    let snap = dir.path().join("snap");
+    let (code, _, stderr) = run_to_exit(
+        &[
+            "ctl",
+            "--socket",
+            path_str(&socket),
+            "snapshot",
+            "--to",
+            path_str(&snap),
+        ],
+        T,
+    );
+    assert_eq!(code.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("COLO replication is active"), "{stderr}");
+    assert!(!snap.exists());
+    let (code, _, stderr) = run_to_exit(
+        &[
+            "ctl",
+            "--socket",
+            path_str(&socket),
+            "migrate",
+            "--to",
+            "127.0.0.1:1",
+        ],
+        T,
+    );
+    assert_eq!(code.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("COLO replication is active"), "{stderr}");
+
+    // Powering off ends it.
+    ctl_ok(&vm, &socket, "stop");
+    assert_eq!(
+        vm.wait_exit(T).unwrap().code(),
+        Some(0),
+        "{}",
+        vm.transcript()
+    );
+    assert!(!socket.exists());
+}

@@ -879,3 +879,214 @@ fn unusable_auth_key_files() {
         &[path_str(&missing), "no such file"],
     );
 }
+
+// ---- COLO replication (options are checked before the VM is built) ----
+
+#[test]
+fn replication_role_without_its_address() {
+    reject(
+        &["run", "--role", "primary"],
+        USAGE,
+        &["--role primary", "--peer HOST:PORT"],
+    );
+    reject(
+        &["run", "--role", "secondary"],
+        USAGE,
+        &["--role secondary", "--listen HOST:PORT"],
+    );
+}
+
+#[test]
+fn replication_address_of_the_other_side() {
+    reject(
+        &[
+            "run",
+            "--role",
+            "secondary",
+            "--listen",
+            "127.0.0.1:7777",
+            "--peer",
+            "127.0.0.1:7778",
+        ],
+        USAGE,
+        &["--peer is for a primary"],
+    );
+    reject(
+        &[
+            "run",
+            "--role",
+            "primary",
+            "--peer",
+            "127.0.0.1:7777",
+            "--listen",
+            "127.0.0.1:7778",
+        ],
+        USAGE,
+        &["--listen is for a secondary"],
+    );
+    reject(
+        &["run", "--peer", "127.0.0.1:7777"],
+        USAGE,
+        &["--peer", "--role primary or --role secondary"],
+    );
+    reject(
+        &["run", "--checkpoint-interval-ms", "100"],
+        USAGE,
+        &["--checkpoint-interval-ms", "--role"],
+    );
+}
+
+#[test]
+fn replication_bad_values() {
+    reject(
+        &["run", "--role", "backup"],
+        USAGE,
+        &["--role", "backup", "primary, secondary"],
+    );
+    reject(
+        &["run", "--checkpoint-interval-ms", "5"],
+        USAGE,
+        &["--checkpoint-interval-ms", "between 10 and 3600000"],
+    );
+    reject(
+        &["run", "--checkpoint-interval-ms", "soon"],
+        USAGE,
+        &["--checkpoint-interval-ms", "not a whole number"],
+    );
+    reject(
+        &["run", "--replication-channels", "17"],
+        USAGE,
+        &["--replication-channels", "between 1 and 16"],
+    );
+    reject(
+        &["run", "--vm-id", "0123456789abcdef"],
+        USAGE,
+        &["--vm-id", "32 hex digits"],
+    );
+    reject(
+        &["run", "--vm-id", "zz112233445566778899aabbccddeeff"],
+        USAGE,
+        &["--vm-id", "32 hex digits"],
+    );
+    reject(
+        &["run", "--staging-limit", "1K"],
+        USAGE,
+        &["--staging-limit", "less than one page"],
+    );
+    reject(
+        &["run", "--peer", "10.0.0.2"],
+        USAGE,
+        &["--peer", "has no port"],
+    );
+    reject(
+        &["run", "--role", "secondary", "--listen", "0.0.0.0:0"],
+        USAGE,
+        &["--listen", "port 0"],
+    );
+}
+
+#[test]
+fn replication_role_with_incoming_or_restore() {
+    reject(
+        &[
+            "run",
+            "--role",
+            "secondary",
+            "--listen",
+            "127.0.0.1:7777",
+            "--incoming",
+            "127.0.0.1:4444",
+        ],
+        USAGE,
+        &["--role secondary cannot be used with --incoming"],
+    );
+    reject(
+        &[
+            "run",
+            "--role",
+            "primary",
+            "--peer",
+            "127.0.0.1:7777",
+            "--restore",
+            "/snap",
+        ],
+        USAGE,
+        &["--role primary cannot be used with --restore"],
+    );
+}
+
+#[test]
+fn replication_listen_port_in_use() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port");
+    let addr = taken.local_addr().expect("address").to_string();
+    reject(
+        &["run", "--role", "secondary", "--listen", &addr],
+        FAILURE,
+        &["--listen", &addr, "address already in use"],
+    );
+}
+
+#[test]
+fn replication_config_errors() {
+    let dir = TempDir::new("cfg-colo");
+    let cfg = dir.write("vm.toml", "[replication]\nrole = \"primary\"\n");
+    reject(
+        &["run", "--config", path_str(&cfg)],
+        FAILURE,
+        &["`replication.role = \"primary\"` needs", "--peer"],
+    );
+    let cfg = dir.write("bad.toml", "[replication]\ninterval_ms = 0\n");
+    reject(
+        &["run", "--config", path_str(&cfg)],
+        FAILURE,
+        &[path_str(&cfg), "line 2", "invalid `interval_ms`"],
+    );
+    let cfg = dir.write(
+        "typo.toml",
+        "[replication]\nrole = \"primary\"\npeers = \"h:1\"\n",
+    );
+    reject(
+        &["run", "--config", path_str(&cfg)],
+        FAILURE,
+        &[path_str(&cfg), "unknown field `peers`"],
+    );
+    // The flag's role and the file's address of the other side.
+    let cfg = dir.write(
+        "listen.toml",
+        "[replication]\nlisten = \"127.0.0.1:7777\"\n",
+    );
+    reject(
+        &[
+            "run",
+            "--config",
+            path_str(&cfg),
+            "--role",
+            "primary",
+            "--peer",
+            "127.0.0.1:7778",
+        ],
+        FAILURE,
+        &["`replication.listen` is for a secondary"],
+    );
+    // The auth key is checked before anything is built.
+    let cfg = dir.write(
+        "key.toml",
+        "[replication]\nrole = \"secondary\"\nlisten = \"127.0.0.1:7777\"\nauth_key = \"missing.key\"\n",
+    );
+    reject(
+        &["run", "--config", path_str(&cfg)],
+        FAILURE,
+        &[path_str(&dir.path().join("missing.key")), "no such file"],
+    );
+}
+
+#[test]
+fn ctl_checkpoint_without_a_vm() {
+    let dir = TempDir::new("ctl-ckpt");
+    let socket = dir.path().join("none.sock");
+    reject(
+        &["ctl", "--socket", path_str(&socket), "checkpoint"],
+        FAILURE,
+        &["cannot connect to the API socket"],
+    );
+}

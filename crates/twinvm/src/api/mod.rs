@@ -42,6 +42,10 @@ pub struct VmStatus {
     /// absent if there was none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<replication::migration::Progress>,
+    /// COLO protection (`twinvm run --role ...`): role, state, checkpoint
+    /// figures; absent without a role.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<replication::colo::Status>,
 }
 
 /// What the VM was built with; does not change while it runs.
@@ -166,6 +170,7 @@ mod tests {
             uptime_ms: 1234,
             summary: VmSummary::of(&config()),
             migration: None,
+            replication: None,
         };
         let json = serde_json::to_value(&status).expect("serializes");
         assert_eq!(
@@ -200,11 +205,40 @@ mod tests {
             uptime_ms: 0,
             summary: VmSummary::of(&config()),
             migration: Some(progress.get()),
+            replication: None,
         };
         let json = serde_json::to_value(&status).expect("serializes");
         assert_eq!(json["migration"]["direction"], "incoming");
         assert_eq!(json["migration"]["phase"], "waiting");
         assert_eq!(json["migration"]["report"], serde_json::Value::Null);
+        let back: VmStatus = serde_json::from_value(json).expect("round trip");
+        assert_eq!(back, status);
+    }
+
+    #[test]
+    fn replication_status_is_part_of_the_status() {
+        let params = replication::colo::Params::default();
+        let handle = replication::colo::Handle::new(
+            replication::colo::ColoRole::Primary,
+            "10.0.0.2:7777",
+            &params,
+        );
+        let status = VmStatus {
+            state: RunState::Running,
+            uptime_ms: 5,
+            summary: VmSummary::of(&config()),
+            migration: None,
+            replication: Some(handle.status()),
+        };
+        let json = serde_json::to_value(&status).expect("serializes");
+        assert_eq!(json["replication"]["role"], "primary");
+        assert_eq!(json["replication"]["state"], "connecting");
+        assert_eq!(json["replication"]["peer"], "10.0.0.2:7777");
+        assert_eq!(json["replication"]["interval_ms"], 500.0);
+        assert_eq!(
+            json["replication"]["last_checkpoint"],
+            serde_json::Value::Null
+        );
         let back: VmStatus = serde_json::from_value(json).expect("round trip");
         assert_eq!(back, status);
     }

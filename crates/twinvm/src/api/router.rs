@@ -10,6 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use replication::colo::CheckpointInfo;
 use replication::migration::Report;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -88,6 +89,9 @@ pub trait Control: Send + Sync {
     /// returns once the guest runs there (the VM here has then ended) or
     /// the migration failed (the VM here goes on as before).
     fn migrate(&self, args: &MigrateArgs) -> Result<Report, ApiError>;
+    /// Takes a COLO checkpoint now (a primary whose pair is protected) and
+    /// returns its figures once the secondary holds it.
+    fn checkpoint(&self) -> Result<CheckpointInfo, ApiError>;
 }
 
 /// A request handler.
@@ -131,6 +135,11 @@ const ROUTES: &[Route] = &[
         method: "PUT",
         path: "/vm/migrate",
         handler: put_migrate,
+    },
+    Route {
+        method: "PUT",
+        path: "/vm/checkpoint",
+        handler: put_checkpoint,
     },
 ];
 
@@ -289,6 +298,16 @@ fn put_migrate(control: &dyn Control, req: &Request) -> Response {
     }
 }
 
+fn put_checkpoint(control: &dyn Control, req: &Request) -> Response {
+    if let Err(resp) = json_body::<NoArguments>(req) {
+        return resp;
+    }
+    match control.checkpoint() {
+        Ok(info) => Response::json(200, &info),
+        Err(e) => Response::error(e.status, e.message),
+    }
+}
+
 #[cfg(test)]
 pub mod fake {
     //! A [`Control`] for tests.
@@ -297,6 +316,7 @@ pub mod fake {
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicBool, Ordering};
 
+    use replication::colo::CheckpointInfo;
     use replication::migration::Report;
 
     use super::{ApiError, Control, MigrateArgs};
@@ -317,6 +337,8 @@ pub mod fake {
         pub snapshots: Mutex<Vec<(PathBuf, bool)>>,
         /// The migrations asked for.
         pub migrations: Mutex<Vec<MigrateArgs>>,
+        /// Checkpoints taken.
+        pub checkpoints: Mutex<u64>,
     }
 
     impl Control for Fake {
@@ -334,6 +356,7 @@ pub mod fake {
                     devices: Devices::default(),
                 },
                 migration: None,
+                replication: None,
             }
         }
         fn pause(&self) -> Result<(), ApiError> {
@@ -377,6 +400,21 @@ pub mod fake {
                 rounds: 3,
                 channels: args.channels,
                 ..Report::default()
+            })
+        }
+        fn checkpoint(&self) -> Result<CheckpointInfo, ApiError> {
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(ApiError::conflict(
+                    "cannot take a checkpoint: this VM is not replicated",
+                ));
+            }
+            let mut n = lock(&self.checkpoints);
+            *n += 1;
+            Ok(CheckpointInfo {
+                epoch: *n,
+                trigger: Some(replication::colo::Trigger::Request),
+                pause_ms: 1.5,
+                ..CheckpointInfo::default()
             })
         }
     }
@@ -643,6 +681,32 @@ mod tests {
             assert!(!msg.contains('\n'), "{body}: {msg}");
         }
         assert!(fake.migrations.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn checkpoint_returns_its_figures() {
+        let fake = Fake::default();
+        let resp = route(&fake, &req("PUT", "/vm/checkpoint", ""));
+        assert_eq!(resp.status, 200, "{resp:?}");
+        let info: CheckpointInfo = serde_json::from_slice(&resp.body).expect("checkpoint JSON");
+        assert_eq!(info.epoch, 1);
+        assert_eq!(info.trigger, Some(replication::colo::Trigger::Request));
+        let json: serde_json::Value = serde_json::from_slice(&resp.body).expect("JSON");
+        assert_eq!(json["trigger"], "request");
+        assert_eq!(
+            route(&fake, &req("PUT", "/vm/checkpoint", "{}")).status,
+            200
+        );
+        let resp = route(&fake, &req("PUT", "/vm/checkpoint", r#"{"now": true}"#));
+        assert_eq!(resp.status, 400);
+        assert!(error_of(&resp).contains("unknown field `now`"));
+        assert_eq!(*fake.checkpoints.lock().unwrap(), 2);
+        let resp = route(&fake, &req("GET", "/vm/checkpoint", ""));
+        assert_eq!((resp.status, resp.allow.as_deref()), (405, Some("PUT")));
+        fake.fail.store(true, Ordering::SeqCst);
+        let resp = route(&fake, &req("PUT", "/vm/checkpoint", ""));
+        assert_eq!(resp.status, 409);
+        assert!(error_of(&resp).contains("not replicated"));
     }
 
     #[test]

@@ -3,8 +3,9 @@
 use std::path::Path;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use replication::colo::{self, CheckpointInfo, Trigger};
 use replication::migration::{self, Direction, ProgressHandle, Report};
 
 use super::router::{ApiError, Control, MigrateArgs};
@@ -23,8 +24,13 @@ pub struct VmControl {
     summary: VmSummary,
     events: Sender<vmm::VmEvent>,
     migration: Defaults,
+    /// COLO protection, with a role.
+    replication: Option<colo::Handle>,
     state: Mutex<State>,
 }
+
+/// How long `PUT /vm/checkpoint` waits for its checkpoint.
+pub const CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What [`VmControl`]'s lock guards.
 struct State {
@@ -49,6 +55,10 @@ enum Phase {
     /// The VM waits for (or receives) an incoming migration; it has not
     /// run yet.
     Incoming,
+    /// COLO replication runs (a primary, or a secondary that has not lost
+    /// its primary): the replication thread pauses and resumes the VM,
+    /// which must stay in step with its peer.
+    Replicating,
     /// Asked to power off, or already ended (migrated, too): no more
     /// changes. Keeps the state it had for `GET /vm`.
     Ending(RunState),
@@ -69,6 +79,10 @@ fn refusal(phase: Phase, verb: &str) -> Option<ApiError> {
         }
         Phase::Incoming => {
             "it waits for an incoming migration and runs once that completes".to_string()
+        }
+        Phase::Replicating => {
+            "COLO replication is active and the primary and the secondary must stay in step (power the VM off to end it)"
+                .to_string()
         }
         Phase::Ending(_) => "it is shutting down".to_string(),
     };
@@ -142,6 +156,43 @@ impl VmControl {
         )
     }
 
+    /// Controls `vm`, a COLO secondary built with
+    /// [`vmm::Vm::new_incoming`]: the replication thread behind `handle`
+    /// starts it once it holds its primary's first checkpoint.
+    pub fn secondary(
+        vm: Arc<vmm::Vm>,
+        summary: VmSummary,
+        migration: Defaults,
+        handle: colo::Handle,
+    ) -> VmControl {
+        let mut control = Self::build(
+            vm,
+            summary,
+            migration,
+            State {
+                phase: Phase::Replicating,
+                started: None,
+                migration: None,
+            },
+        );
+        control.replication = Some(handle);
+        control
+    }
+
+    /// Makes this the control of a COLO primary, protected through
+    /// `handle`: until the VM ends, the replication thread alone pauses
+    /// and resumes it.
+    pub fn replicated(mut self, handle: colo::Handle) -> VmControl {
+        {
+            let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+            if matches!(st.phase, Phase::Live(_)) {
+                st.phase = Phase::Replicating;
+            }
+        }
+        self.replication = Some(handle);
+        self
+    }
+
     fn build(vm: Arc<vmm::Vm>, summary: VmSummary, migration: Defaults, state: State) -> Self {
         let events = vm.event_sender();
         VmControl {
@@ -149,7 +200,18 @@ impl VmControl {
             summary,
             events,
             migration,
+            replication: None,
             state: Mutex::new(state),
+        }
+    }
+
+    /// Records that a secondary lost its primary after its guest ran: the
+    /// guest goes on like any VM's, and takes every request again.
+    pub fn replication_ended(&self) {
+        let mut st = self.lock();
+        if st.phase == Phase::Replicating {
+            st.phase = Phase::Live(self.current_state());
+            st.started.get_or_insert_with(Instant::now);
         }
     }
 
@@ -171,6 +233,7 @@ impl VmControl {
             Phase::Snapshotting(_) | Phase::Migrating | Phase::Incoming => {
                 Phase::Ending(RunState::Paused)
             }
+            Phase::Replicating => Phase::Ending(self.current_state()),
             Phase::Ending(state) => Phase::Ending(state),
         };
     }
@@ -225,11 +288,25 @@ fn resume(vm: &vmm::Vm) -> Result<(), vmm::Error> {
 
 impl Control for VmControl {
     fn status(&self) -> VmStatus {
-        let st = self.lock();
+        let mut st = self.lock();
+        let replication = self.replication.as_ref().map(colo::Handle::status);
+        // A secondary's guest runs from its first checkpoint on, which
+        // made it protected.
+        if st.started.is_none()
+            && let Some(r) = &replication
+        {
+            st.started = match r.state {
+                colo::State::Protected => Duration::try_from_secs_f64(r.state_since_ms / 1000.0)
+                    .ok()
+                    .and_then(|d| Instant::now().checked_sub(d)),
+                colo::State::PrimaryLost => Some(Instant::now()),
+                _ => None,
+            };
+        }
         let state = match st.phase {
             Phase::Live(s) | Phase::Ending(s) => s,
             Phase::Snapshotting(_) => RunState::Paused,
-            Phase::Migrating | Phase::Incoming => self.current_state(),
+            Phase::Migrating | Phase::Incoming | Phase::Replicating => self.current_state(),
         };
         let uptime = st.started.map_or(0, |t| {
             u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)
@@ -239,6 +316,7 @@ impl Control for VmControl {
             uptime_ms: uptime,
             summary: self.summary.clone(),
             migration: st.migration.as_ref().map(ProgressHandle::get),
+            replication,
         }
     }
 
@@ -255,6 +333,9 @@ impl Control for VmControl {
         let state = match st.phase {
             Phase::Ending(_) => return Ok(()),
             Phase::Live(state) => state,
+            // Ends the pair: the replication thread is stopped once the VM
+            // has ended.
+            Phase::Replicating => self.current_state(),
             // Nothing has arrived yet: the destination can simply stop.
             Phase::Incoming
                 if st
@@ -385,6 +466,27 @@ impl Control for VmControl {
             }
         }
     }
+
+    fn checkpoint(&self) -> Result<CheckpointInfo, ApiError> {
+        let refused = |why: &str| ApiError::conflict(format!("cannot take a checkpoint: {why}"));
+        let Some(handle) = &self.replication else {
+            return Err(refused(
+                "this VM is not replicated (checkpoints are taken by a `twinvm run --role primary`)",
+            ));
+        };
+        if let Phase::Ending(_) = self.lock().phase {
+            return Err(refused("the VM is shutting down"));
+        }
+        // Without the lock: `GET /vm` answers while the checkpoint is taken.
+        match handle.request_checkpoint(Trigger::Request, CHECKPOINT_TIMEOUT) {
+            Ok(info) => Ok(info),
+            Err(colo::Error::NotProtected(why)) => Err(refused(&why)),
+            Err(e) => Err(ApiError::bad_gateway(format!(
+                "checkpoint failed: {}",
+                replication::error_text(&e)
+            ))),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -435,6 +537,21 @@ mod tests {
                 Phase::Ending(RunState::Paused),
                 "migrate",
                 "cannot migrate the VM: it is shutting down",
+            ),
+            (
+                Phase::Replicating,
+                "pause",
+                "cannot pause the VM: COLO replication is active",
+            ),
+            (
+                Phase::Replicating,
+                "snapshot",
+                "cannot snapshot the VM: COLO replication is active",
+            ),
+            (
+                Phase::Replicating,
+                "migrate",
+                "cannot migrate the VM: COLO replication is active",
             ),
         ] {
             let e = refusal(phase, verb).expect("refused");
