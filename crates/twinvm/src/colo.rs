@@ -224,6 +224,9 @@ impl Replication {
         handle: Handle,
         control: Option<Arc<VmControl>>,
     ) -> Result<Replication, Error> {
+        if let Some(c) = &control {
+            watch_start(c.clone(), handle.clone())?;
+        }
         let h = handle.clone();
         Self::spawn("colo-secondary", handle, move |failure| {
             match colo::run_secondary(&vm, &listener, &params, &h) {
@@ -296,6 +299,25 @@ impl Replication {
     pub fn failure(&self) -> Option<String> {
         lock(&self.failure).clone()
     }
+}
+
+/// Watches a secondary until its guest runs (or replication ends), so
+/// that its API counts its uptime from then.
+fn watch_start(control: Arc<VmControl>, handle: Handle) -> Result<(), Error> {
+    std::thread::Builder::new()
+        .name("colo-watch".into())
+        .spawn(move || {
+            while !control.secondary_progress()
+                && matches!(
+                    handle.status().state,
+                    State::WaitingForPrimary | State::Syncing
+                )
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+        .map(drop)
+        .map_err(Error::Thread)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -1090,3 +1090,44 @@ fn ctl_checkpoint_without_a_vm() {
         &["cannot connect to the API socket"],
     );
 }
+
+#[test]
+fn secondary_whose_primary_dies_before_the_first_checkpoint() {
+    if !kvm_available() {
+        return;
+    }
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("address").port()
+    };
+    let addr = format!("127.0.0.1:{port}");
+    let mut secondary = common::Twinvm::spawn(&[
+        "run",
+        "--memory",
+        "64M",
+        "--role",
+        "secondary",
+        "--listen",
+        &addr,
+    ]);
+    // The primary is killed (as a host failure would end it) in the
+    // middle of the first checkpoint: the secondary's guest never ran.
+    let mut primary = Command::new(twinvm_bin());
+    primary
+        .args([
+            "run", "--memory", "64M", "--role", "primary", "--peer", &addr,
+        ])
+        .env(replication::colo::DIE_ENV, "primary:1:1");
+    let (status, _, stderr) = run_command_to_exit(primary, TIMEOUT);
+    assert_eq!(status.code(), None, "the primary was not killed: {stderr}");
+    let status = secondary.wait_exit(TIMEOUT).unwrap();
+    let stderr = secondary.stderr();
+    assert_eq!(status.code(), Some(FAILURE), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("twinvm: error: replication failed before the secondary ran: "),
+        "{stderr}"
+    );
+    assert!(secondary.stdout().is_empty(), "the guest ran");
+}

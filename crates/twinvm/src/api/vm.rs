@@ -205,6 +205,15 @@ impl VmControl {
         }
     }
 
+    /// Notes, from its replication status, when a secondary's guest began
+    /// to run (for `uptime_ms`); true once it has.
+    pub fn secondary_progress(&self) -> bool {
+        let Some(handle) = &self.replication else {
+            return true;
+        };
+        note_secondary_start(&mut self.lock(), &handle.status())
+    }
+
     /// Records that a secondary lost its primary after its guest ran: the
     /// guest goes on like any VM's, and takes every request again.
     pub fn replication_ended(&self) {
@@ -275,6 +284,23 @@ impl VmControl {
     }
 }
 
+/// Sets `st.started` for a secondary whose guest runs: it does from the
+/// first checkpoint on, which made it protected. True once it is set.
+fn note_secondary_start(st: &mut State, replication: &colo::Status) -> bool {
+    if st.started.is_none() {
+        st.started = match replication.state {
+            colo::State::Protected => {
+                Duration::try_from_secs_f64(replication.state_since_ms / 1000.0)
+                    .ok()
+                    .and_then(|d| Instant::now().checked_sub(d))
+            }
+            colo::State::PrimaryLost => Some(Instant::now()),
+            _ => None,
+        };
+    }
+    st.started.is_some()
+}
+
 /// Resumes `vm`, first taking back its taps and disks if a migration whose
 /// outcome is unknown left them released: this fails while the
 /// destination holds them (a tap is busy, a disk image locked), so a guest
@@ -290,18 +316,8 @@ impl Control for VmControl {
     fn status(&self) -> VmStatus {
         let mut st = self.lock();
         let replication = self.replication.as_ref().map(colo::Handle::status);
-        // A secondary's guest runs from its first checkpoint on, which
-        // made it protected.
-        if st.started.is_none()
-            && let Some(r) = &replication
-        {
-            st.started = match r.state {
-                colo::State::Protected => Duration::try_from_secs_f64(r.state_since_ms / 1000.0)
-                    .ok()
-                    .and_then(|d| Instant::now().checked_sub(d)),
-                colo::State::PrimaryLost => Some(Instant::now()),
-                _ => None,
-            };
+        if let Some(r) = &replication {
+            note_secondary_start(&mut st, r);
         }
         let state = match st.phase {
             Phase::Live(s) | Phase::Ending(s) => s,
