@@ -206,6 +206,21 @@ pub struct PauseSplit {
     pub resume_ms: f64,
 }
 
+impl PauseSplit {
+    /// Folds `x`, the `n`th sample, into this running mean.
+    fn add_to_mean(&mut self, x: &PauseSplit, n: u64) {
+        let n = n.max(1) as f64;
+        let f = |m: &mut f64, v: f64| *m += (v - *m) / n;
+        f(&mut self.vcpu_stop_ms, x.vcpu_stop_ms);
+        f(&mut self.dirty_log_ms, x.dirty_log_ms);
+        f(&mut self.page_send_ms, x.page_send_ms);
+        f(&mut self.svm_report_wait_ms, x.svm_report_wait_ms);
+        f(&mut self.state_save_ms, x.state_save_ms);
+        f(&mut self.ack_wait_ms, x.ack_wait_ms);
+        f(&mut self.resume_ms, x.resume_ms);
+    }
+}
+
 /// One completed checkpoint.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct CheckpointInfo {
@@ -256,6 +271,41 @@ pub struct PauseStats {
     pub max_ms: f64,
 }
 
+/// Upper bounds (ms) of the pause histogram's buckets; a last bucket
+/// counts the longer pauses.
+pub const PAUSE_BUCKETS_MS: [f64; 10] = [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
+
+/// How the primary's pauses were distributed.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PauseHistogram {
+    /// Upper bound of each bucket in milliseconds ([`PAUSE_BUCKETS_MS`]);
+    /// the last bucket has none (`null` in JSON).
+    pub upper_ms: Vec<Option<f64>>,
+    /// Pauses in each bucket.
+    pub count: Vec<u64>,
+}
+
+impl PauseHistogram {
+    fn new() -> Self {
+        let mut upper_ms: Vec<Option<f64>> = PAUSE_BUCKETS_MS.iter().map(|&b| Some(b)).collect();
+        upper_ms.push(None);
+        PauseHistogram {
+            count: vec![0; upper_ms.len()],
+            upper_ms,
+        }
+    }
+
+    fn add(&mut self, ms: f64) {
+        let i = PAUSE_BUCKETS_MS
+            .iter()
+            .position(|&b| ms <= b)
+            .unwrap_or(PAUSE_BUCKETS_MS.len());
+        if let Some(c) = self.count.get_mut(i) {
+            *c += 1;
+        }
+    }
+}
+
 /// A checkpoint the secondary received only in part and dropped.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Discarded {
@@ -292,8 +342,14 @@ pub struct Status {
     pub checkpoints: u64,
     /// Primary: pause times.
     pub pause: PauseStats,
+    /// Primary: the mean of each part of the pause.
+    pub pause_split_mean: PauseSplit,
+    /// Primary: the distribution of pause times.
+    pub pause_histogram: PauseHistogram,
     /// The last completed checkpoint.
     pub last_checkpoint: Option<CheckpointInfo>,
+    /// The checkpoint with the longest pause so far.
+    pub slowest_checkpoint: Option<CheckpointInfo>,
     /// Background rounds since protection started.
     pub background_rounds: u64,
     /// Pages sent (primary) or received (secondary) in background rounds.
@@ -455,7 +511,10 @@ impl Handle {
                 verify: params.verify,
                 checkpoints: 0,
                 pause: PauseStats::default(),
+                pause_split_mean: PauseSplit::default(),
+                pause_histogram: PauseHistogram::new(),
                 last_checkpoint: None,
+                slowest_checkpoint: None,
                 background_rounds: 0,
                 background_pages: 0,
                 background_bytes: 0,
@@ -584,6 +643,8 @@ impl Handle {
         self.update(|s| {
             s.checkpoints += 1;
             s.pause = stats;
+            s.pause_histogram.add(info.pause_ms);
+            s.pause_split_mean.add_to_mean(&info.split, stats.count);
             s.pause_pages += info.pages_in_pause;
             s.pause_bytes += info.bytes_in_pause;
             if info.secondary_rss_bytes > 0 {
@@ -591,6 +652,12 @@ impl Handle {
             }
             if info.digest.is_some() {
                 s.verified_checkpoints += 1;
+            }
+            if s.slowest_checkpoint
+                .as_ref()
+                .is_none_or(|w| info.pause_ms > w.pause_ms)
+            {
+                s.slowest_checkpoint = Some(info.clone());
             }
             s.last_checkpoint = Some(info.clone());
         });
@@ -797,6 +864,10 @@ mod tests {
         assert_eq!(s.pause.p50_ms, 5.0);
         assert!((s.pause.mean_ms - 5.5).abs() < 1e-9);
         assert_eq!(s.pause_pages, 20);
+        // Buckets ≤1, ≤2, ≤4, ≤8, ≤16 ms.
+        assert_eq!(&s.pause_histogram.count[2..7], &[1, 1, 2, 4, 2]);
+        assert_eq!(s.pause_histogram.count.iter().sum::<u64>(), 10);
+        assert_eq!(s.slowest_checkpoint.unwrap().epoch, 10);
     }
 
     #[test]
