@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use crate::api::server::MAX_SOCKET_PATH;
 use crate::cli::PairArgs;
+use crate::colo::Role;
 use crate::{api, colo, ctl};
 
 /// How long the secondary may take to build its VM and answer on its API.
@@ -150,14 +151,6 @@ pub fn run(args: &PairArgs) -> Result<u8, Error> {
         });
     }
 
-    let common = |role: &str| -> Vec<OsString> {
-        let mut v: Vec<OsString> = vec!["run".into(), "--role".into(), role.into()];
-        v.extend(vm_args(args));
-        v.extend(["--auth-key".into(), files.key.clone().into_os_string()]);
-        v.extend(["--vm-id".into(), vm_id.clone().into()]);
-        v
-    };
-
     // The secondary first: it must listen before the primary connects.
     let log = File::create(&files.log).map_err(|source| Error::Write {
         path: files.log.clone(),
@@ -167,14 +160,14 @@ pub fn run(args: &PairArgs) -> Result<u8, Error> {
         path: files.log.clone(),
         source,
     })?;
-    let mut secondary_args = common("secondary");
-    secondary_args.extend([
-        "--listen".into(),
-        addr.clone().into(),
-        "--api-socket".into(),
-        files.secondary_sock.clone().into_os_string(),
-    ]);
-    secondary_args.extend(secondary_disks.iter().flat_map(disk_arg));
+    let secondary_args = child_args(
+        Role::Secondary,
+        args,
+        &addr,
+        &files,
+        &vm_id,
+        &secondary_disks,
+    );
     let secondary = Command::new(&exe)
         .args(&secondary_args)
         .stdin(Stdio::null())
@@ -199,15 +192,7 @@ pub fn run(args: &PairArgs) -> Result<u8, Error> {
         return e;
     }
 
-    let mut primary_args = common("primary");
-    primary_args.extend([
-        "--peer".into(),
-        addr.clone().into(),
-        "--api-socket".into(),
-        files.primary_sock.clone().into_os_string(),
-    ]);
-    primary_args.extend(args.net.iter().flat_map(|n| ["--net".into(), net_arg(n)]));
-    primary_args.extend(args.disk.iter().flat_map(disk_arg));
+    let primary_args = child_args(Role::Primary, args, &addr, &files, &vm_id, &args.disk);
     let primary = match Command::new(&exe).args(&primary_args).spawn() {
         Ok(child) => child,
         Err(source) => {
@@ -436,8 +421,38 @@ fn wait_ready(secondary: &mut Member, files: &Files) -> Result<(), Result<u8, Er
     }
 }
 
-/// The VM options both children get (the disks and network devices
-/// apart).
+/// The arguments of the `twinvm run` of `role`, with the secondary's port
+/// at `addr` and the disk images `disks`.
+fn child_args(
+    role: Role,
+    args: &PairArgs,
+    addr: &str,
+    files: &Files,
+    vm_id: &str,
+    disks: &[vmm::DiskConfig],
+) -> Vec<OsString> {
+    let (addr_flag, socket) = match role {
+        Role::Primary => ("--peer", &files.primary_sock),
+        Role::Secondary => ("--listen", &files.secondary_sock),
+    };
+    let mut v: Vec<OsString> = vec!["run".into(), "--role".into(), role.name().into()];
+    v.extend(vm_args(args));
+    v.extend(disks.iter().flat_map(disk_arg));
+    v.extend([
+        addr_flag.into(),
+        addr.into(),
+        "--api-socket".into(),
+        socket.clone().into_os_string(),
+        "--auth-key".into(),
+        files.key.clone().into_os_string(),
+        "--vm-id".into(),
+        vm_id.into(),
+    ]);
+    v
+}
+
+/// The VM options both children get, disks apart (each side has its own
+/// images).
 fn vm_args(args: &PairArgs) -> Vec<OsString> {
     let mut v: Vec<OsString> = Vec::new();
     let mut opt = |flag: &str, value: Option<OsString>| {
@@ -729,6 +744,68 @@ mod tests {
             crate::devices::parse_net(net_arg(n).to_str().unwrap()).unwrap(),
             *n
         );
+    }
+
+    #[test]
+    fn both_children_get_a_valid_command_line() {
+        use clap::Parser;
+        let args = PairArgs {
+            memory: Some(64 << 20),
+            net: vec![
+                vmm::NetConfig {
+                    tap: "tap0".into(),
+                    mac: None,
+                },
+                vmm::NetConfig {
+                    tap: "tap1".into(),
+                    mac: None,
+                },
+            ],
+            disk: vec![vmm::DiskConfig {
+                path: "/img/a.img".into(),
+                readonly: false,
+                serial: None,
+            }],
+            checkpoint_interval_ms: Some(100),
+            ..PairArgs::default()
+        };
+        let files = Files::in_dir(Path::new("/run/p")).unwrap();
+        let copies = [vmm::DiskConfig {
+            path: "/run/p/secondary-0.img".into(),
+            ..args.disk[0].clone()
+        }];
+        let id = "00112233445566778899aabbccddeeff";
+        for (role, disks) in [
+            (Role::Primary, &args.disk[..]),
+            (Role::Secondary, &copies[..]),
+        ] {
+            let argv = child_args(role, &args, "127.0.0.1:7777", &files, id, disks);
+            let cli = crate::cli::Cli::try_parse_from(
+                std::iter::once(OsString::from("twinvm")).chain(argv),
+            )
+            .expect("parses");
+            cli.validate().expect("valid");
+            let crate::cli::Command::Run(run) = cli.command else {
+                panic!("not run")
+            };
+            assert_eq!(run.role, Some(role));
+            assert_eq!(run.net, args.net);
+            assert_eq!(run.disk, disks);
+            assert_eq!(run.memory, Some(64 << 20));
+            assert_eq!(run.checkpoint_interval_ms, Some(100));
+            assert_eq!(run.vm_id, Some(colo::parse_vm_id(id).unwrap()));
+            assert_eq!(run.auth_key, Some(files.key.clone()));
+            match role {
+                Role::Primary => {
+                    assert_eq!(run.peer.as_deref(), Some("127.0.0.1:7777"));
+                    assert_eq!(run.api_socket, Some(files.primary_sock.clone()));
+                }
+                Role::Secondary => {
+                    assert_eq!(run.listen.as_deref(), Some("127.0.0.1:7777"));
+                    assert_eq!(run.api_socket, Some(files.secondary_sock.clone()));
+                }
+            }
+        }
     }
 
     #[test]
