@@ -347,6 +347,28 @@ impl Link {
         Ok(frame::read_payload(&mut self.stream, buf)?)
     }
 
+    /// Test hook: sends a frame whose header announces all of `payload`
+    /// but only its first `keep` bytes, then shuts the connection down, as
+    /// a sender dying mid-frame would.
+    #[doc(hidden)]
+    pub fn send_truncated_for_tests(
+        &mut self,
+        msg_type: MsgType,
+        payload: &[u8],
+        keep: usize,
+    ) -> Result<(), LinkError> {
+        use std::io::Write;
+        let header = header_for(self.version, msg_type, 0, payload, self.tx_seq)?;
+        self.tx_seq += 1;
+        let keep = keep.min(payload.len());
+        let mut s = &self.stream;
+        s.write_all(&header.encode())
+            .and_then(|_| s.write_all(&payload[..keep]))
+            .map_err(|e| LinkError::Frame(FrameError::from_io(e)))?;
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        Ok(())
+    }
+
     /// Test hook: the version this link writes into its frames.
     #[doc(hidden)]
     pub fn set_wire_version_for_tests(&mut self, version: u16) {

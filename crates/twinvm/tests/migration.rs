@@ -16,13 +16,13 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus};
+use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{
-    BANNER, GUEST_IP, NetNs, TempDir, Twinvm, counter_of, is_counter, path_str, pattern,
-    run_command_to_exit, twinvm_bin,
+    BANNER, GUEST_IP, NetNs, TempDir, Twinvm, counter_of, counters, echo_client, is_counter, json,
+    path_str, twinvm_bin,
 };
 
 const T: Duration = Duration::from_secs(60);
@@ -113,19 +113,6 @@ fn wait_for_socket(side: &Side) {
     }
 }
 
-/// `twinvm ctl --socket S ARGS...` from inside the namespace.
-fn ctl(ns: &NetNs, side: &Side, args: &[&str]) -> (ExitStatus, String, String) {
-    let mut cmd: Command = ns.command(twinvm_bin());
-    cmd.env_remove("TWINVM_LOG")
-        .args(["ctl", "--socket", path_str(&side.socket)])
-        .args(args);
-    run_command_to_exit(cmd, Duration::from_secs(300))
-}
-
-fn json(text: &str) -> serde_json::Value {
-    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
-}
-
 fn migrate(
     ns: &NetNs,
     side: &Side,
@@ -135,52 +122,7 @@ fn migrate(
     let to = format!("127.0.0.1:{}", PORT + port_offset);
     let mut args = vec!["migrate", "--to", to.as_str()];
     args.extend_from_slice(extra);
-    ctl(ns, side, &args)
-}
-
-/// The counters a side printed, in order.
-fn counters(stdout: &str) -> Vec<u64> {
-    stdout
-        .lines()
-        .filter(|l| is_counter(l))
-        .map(counter_of)
-        .collect()
-}
-
-/// A client of the guest's TCP echo service that keeps one connection
-/// busy — a 512-byte message, its echo checked byte for byte, every 20 ms —
-/// until `done` is set and 20 more exchanges have passed (bounded by
-/// 3000 exchanges and two minutes). Returns the bytes verified.
-fn echo_client(done: &AtomicBool) -> usize {
-    let addr: SocketAddr = format!("{GUEST_IP}:7").parse().unwrap();
-    let stream = TcpStream::connect_timeout(&addr, T).expect("connect to the echo service");
-    stream.set_read_timeout(Some(T)).unwrap();
-    stream.set_write_timeout(Some(T)).unwrap();
-    let mut s = stream;
-    let started = Instant::now();
-    let mut verified = 0;
-    let mut after = 0;
-    for i in 0..3000u64 {
-        let msg = pattern(512, i + 1);
-        s.write_all(&msg).expect("send to the guest");
-        let mut back = vec![0u8; msg.len()];
-        s.read_exact(&mut back)
-            .unwrap_or_else(|e| panic!("echo {i} ({verified} bytes verified before): {e}"));
-        assert!(back == msg, "echo {i} differs from what was sent");
-        verified += msg.len();
-        if done.load(Ordering::SeqCst) {
-            after += 1;
-            if after >= 20 {
-                return verified;
-            }
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "client ran too long"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("the migration did not end within 3000 exchanges");
+    ns.ctl(&side.socket, &args)
 }
 
 #[test]
@@ -195,7 +137,8 @@ fn tcp_connection_and_counter_survive_live_migration() {
 
     let done = AtomicBool::new(false);
     let (report, verified) = std::thread::scope(|s| {
-        let client = s.spawn(|| ns.run_in_scoped(|| echo_client(&done)));
+        let client =
+            s.spawn(|| ns.run_in_scoped(|| echo_client(&done, 3000, Duration::from_secs(120))));
         // Let the connection carry some traffic first.
         std::thread::sleep(Duration::from_secs(2));
         let (status, out, err) = migrate(&ns, &src, 0, &["--verify", "--channels", "2"]);
@@ -232,7 +175,7 @@ fn tcp_connection_and_counter_survive_live_migration() {
     // Both sides computed the same digest of RAM and device state.
     let digest = report["digest"].as_str().expect("digest in the report");
     assert_eq!(digest.len(), 64, "{report}");
-    let (status, out, _) = ctl(&ns, &dst, &["status"]);
+    let (status, out, _) = ns.ctl(&dst.socket, &["status"]);
     assert!(status.success());
     let st = json(&out);
     assert_eq!(st["state"], "running", "{st}");
@@ -286,7 +229,7 @@ fn destination_dying_mid_transfer_leaves_the_source_running() {
     let a = counter_of(&src.vm.wait_for_line(is_counter, T).unwrap());
     let b = counter_of(&src.vm.wait_for_line(is_counter, T).unwrap());
     assert_eq!(b, a + 100);
-    let (_, out, _) = ctl(&ns, &src, &["status"]);
+    let (_, out, _) = ns.ctl(&src.socket, &["status"]);
     let st = json(&out);
     assert_eq!(st["state"], "running", "{st}");
     assert_eq!(st["migration"]["phase"], "failed", "{st}");
@@ -403,7 +346,7 @@ fn garbage_truncated_streams_and_wrong_keys_are_refused() {
         assert!(Instant::now() < deadline, "{log}");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let (_, out, _) = ctl(&ns, &dst, &["status"]);
+    let (_, out, _) = ns.ctl(&dst.socket, &["status"]);
     let st = json(&out);
     assert_eq!(st["migration"]["phase"], "waiting", "{st}");
     assert_eq!(dst.vm.stdout(), "");

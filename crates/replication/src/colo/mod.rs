@@ -752,8 +752,9 @@ pub fn process_rss_bytes() -> u64 {
 ///
 /// `TWINVM_TEST_COLO_DIE=<side>:<epoch>:<pages>`: the primary (`side` =
 /// `primary`) dies after sending `pages` pages inside the pause of
-/// checkpoint `epoch`; the secondary (`secondary`) after receiving `pages`
-/// pages of that checkpoint's pause.
+/// checkpoint `epoch` (or of the first later one with that many pages);
+/// the secondary (`secondary`) after receiving `pages` pages of such a
+/// pause.
 pub const DIE_ENV: &str = "TWINVM_TEST_COLO_DIE";
 
 /// The hook of [`DIE_ENV`] for `role`: (epoch, pages).
@@ -776,7 +777,7 @@ fn die_hook(role: ColoRole) -> Option<(u64, u64)> {
 /// Kills this process if the hook says so.
 fn maybe_die(hook: Option<(u64, u64)>, epoch: u64, pages: u64) {
     if let Some((e, n)) = hook
-        && e == epoch
+        && epoch >= e
         && pages >= n
     {
         tracing::error!(

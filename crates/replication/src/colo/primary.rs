@@ -667,19 +667,17 @@ fn corrupt_batch(link: &mut Link, kind: Corrupt) -> Result<(), Error> {
     let mut batch = PagesBuilder::new();
     let page = batch.next_page();
     page.fill(0xa5);
-    let payload = match kind {
+    match kind {
         Corrupt::PageOutsideRam => {
             batch.commit(1 << 40, false);
-            batch.finish().to_vec()
+            link.send(MsgType::ColoPages, batch.finish())
         }
         Corrupt::Truncated => {
             batch.commit(0, false);
-            let mut p = batch.finish().to_vec();
-            // Claim four pages, carry one.
-            p[0..4].copy_from_slice(&4u32.to_le_bytes());
-            p
+            let payload = batch.finish();
+            // Half the page's data, then the connection ends.
+            link.send_truncated_for_tests(MsgType::ColoPages, payload, payload.len() - 2048)
         }
-    };
-    link.send(MsgType::ColoPages, &payload)
-        .map_err(link_err("page transfer"))
+    }
+    .map_err(link_err("page transfer"))
 }

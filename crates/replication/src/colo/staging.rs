@@ -2,10 +2,13 @@
 //! held apart from guest memory (the secondary's guest runs meanwhile and
 //! must not see them) until the whole checkpoint has arrived.
 //!
-//! Memory is taken in chunks of [`CHUNK_PAGES`] pages that never move, so
-//! a page batch can be read from the socket straight into its slots. A
-//! page staged twice in one epoch keeps its slot (the later copy wins);
-//! after a checkpoint is applied, or dropped, the slots are reused.
+//! Memory is taken in chunks of [`CHUNK_PAGES`] pages, each its own
+//! anonymous mapping that never moves, so a page batch can be read from
+//! the socket straight into its slots. A page staged twice in one epoch
+//! keeps its slot (the later copy wins). When a checkpoint has been
+//! applied, or dropped, the chunks' pages go back to the host
+//! (`MADV_DONTNEED`): between checkpoints the staging area holds only the
+//! pages of the epoch in progress.
 
 use std::collections::HashMap;
 
@@ -19,17 +22,81 @@ pub const CHUNK_PAGES: usize = 256;
 /// Index value of a page staged as all zeros (no slot).
 const ZERO: u32 = u32::MAX;
 
+/// Bytes in a chunk.
+const CHUNK_BYTES: usize = CHUNK_PAGES * PAGE_SIZE;
+
+/// One chunk of staging memory: a private anonymous mapping.
+struct Chunk(std::ptr::NonNull<u8>);
+
+// SAFETY: the chunk owns its mapping; access goes through `&`/`&mut`
+// borrows of the `Staging` that holds it.
+unsafe impl Send for Chunk {}
+
+impl Chunk {
+    fn new() -> Chunk {
+        // SAFETY: a fresh private anonymous mapping, not aliasing anything;
+        // the result is checked.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                CHUNK_BYTES,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            // Out of address space: what an allocation failure does.
+            std::alloc::handle_alloc_error(
+                std::alloc::Layout::from_size_align(CHUNK_BYTES, PAGE_SIZE)
+                    .unwrap_or(std::alloc::Layout::new::<u8>()),
+            );
+        }
+        Chunk(std::ptr::NonNull::new(p.cast()).expect("mmap returned a valid address"))
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: the mapping is CHUNK_BYTES long, readable, and lives as
+        // long as `self`.
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr(), CHUNK_BYTES) }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as for `bytes`, and `&mut self` makes this the only
+        // borrow.
+        unsafe { std::slice::from_raw_parts_mut(self.0.as_ptr(), CHUNK_BYTES) }
+    }
+
+    /// Gives the chunk's pages back to the host; it reads as zeros after.
+    fn release(&mut self) {
+        // SAFETY: the range is this chunk's own mapping; no borrow of its
+        // bytes is alive (`&mut self`).
+        unsafe {
+            libc::madvise(self.0.as_ptr().cast(), CHUNK_BYTES, libc::MADV_DONTNEED);
+        }
+    }
+}
+
+impl Drop for Chunk {
+    fn drop(&mut self) {
+        // SAFETY: unmapping this chunk's own mapping, which nothing uses
+        // any more.
+        unsafe {
+            libc::munmap(self.0.as_ptr().cast(), CHUNK_BYTES);
+        }
+    }
+}
+
 /// Pages staged for one epoch, by guest address.
 #[derive(Default)]
 pub struct Staging {
     /// Guest address → slot (or [`ZERO`]).
     index: HashMap<u64, u32>,
     /// Slot `s` is at `chunks[s / CHUNK_PAGES]`, page `s % CHUNK_PAGES`.
-    chunks: Vec<Box<[u8]>>,
+    chunks: Vec<Chunk>,
     /// Slots handed out this epoch.
     used: u32,
-    /// Slots recent epochs used, decaying.
-    peak: u32,
 }
 
 impl Staging {
@@ -53,9 +120,10 @@ impl Staging {
         u64::from(self.used) * PAGE_SIZE as u64
     }
 
-    /// Bytes of memory held for slots (staged or free).
+    /// Bytes of address space held for slots (staged or free); only the
+    /// staged pages take host memory.
     pub fn capacity_bytes(&self) -> u64 {
-        (self.chunks.len() * CHUNK_PAGES * PAGE_SIZE) as u64
+        (self.chunks.len() * CHUNK_BYTES) as u64
     }
 
     /// Whether the page at `gpa` is staged.
@@ -75,9 +143,7 @@ impl Staging {
         self.used += 1;
         let chunk = s as usize / CHUNK_PAGES;
         if chunk == self.chunks.len() {
-            // Zeroed allocation: untouched slots cost no host memory.
-            self.chunks
-                .push(vec![0u8; CHUNK_PAGES * PAGE_SIZE].into_boxed_slice());
+            self.chunks.push(Chunk::new());
         }
         self.index.insert(gpa, s);
         s
@@ -86,13 +152,13 @@ impl Staging {
     fn page_mut(&mut self, slot: u32) -> &mut [u8] {
         let s = slot as usize;
         let off = (s % CHUNK_PAGES) * PAGE_SIZE;
-        &mut self.chunks[s / CHUNK_PAGES][off..off + PAGE_SIZE]
+        &mut self.chunks[s / CHUNK_PAGES].bytes_mut()[off..off + PAGE_SIZE]
     }
 
     fn page(&self, slot: u32) -> &[u8] {
         let s = slot as usize;
         let off = (s % CHUNK_PAGES) * PAGE_SIZE;
-        &self.chunks[s / CHUNK_PAGES][off..off + PAGE_SIZE]
+        &self.chunks[s / CHUNK_PAGES].bytes()[off..off + PAGE_SIZE]
     }
 
     /// Stages a copy of `data` (one page) for `gpa`.
@@ -153,14 +219,13 @@ impl Staging {
         Ok(self.index.len() as u64)
     }
 
-    /// Forgets every staged page. Memory is kept for the next epoch, up
-    /// to twice what recent epochs used (a busy epoch's weight halves with
-    /// each later one); the rest goes back to the host.
+    /// Forgets every staged page and gives their memory back to the host.
+    /// The address space stays for the next epoch (at most what the
+    /// busiest epoch used).
     pub fn clear(&mut self) {
-        self.peak = self.used.max(self.peak / 2);
-        let keep = (2 * self.peak as usize).div_ceil(CHUNK_PAGES).max(1);
-        if self.chunks.len() > keep {
-            self.chunks.truncate(keep);
+        let used_chunks = (self.used as usize).div_ceil(CHUNK_PAGES);
+        for c in self.chunks.iter_mut().take(used_chunks) {
+            c.release();
         }
         self.index.clear();
         self.used = 0;
@@ -251,19 +316,37 @@ mod tests {
     }
 
     #[test]
-    fn clear_reuses_and_trims_memory() {
+    fn clear_gives_the_memory_back_and_reuses_the_chunks() {
         let mut s = Staging::new();
         for i in 0..(4 * CHUNK_PAGES as u64) {
             s.stage(i * 4096, &page(1));
         }
-        assert_eq!(s.capacity_bytes(), (4 * CHUNK_PAGES * PAGE_SIZE) as u64);
+        assert_eq!(s.capacity_bytes(), (4 * CHUNK_BYTES) as u64);
+        let before = resident(&s);
+        assert_eq!(before, 4 * CHUNK_PAGES);
         s.clear();
         assert!(s.is_empty());
         assert_eq!(s.data_bytes(), 0);
-        // A quiet epoch after a busy one: memory shrinks to twice its use.
-        s.stage(0, &page(1));
-        s.clear();
-        s.clear();
-        assert!(s.capacity_bytes() <= (2 * CHUNK_PAGES * PAGE_SIZE) as u64);
+        assert_eq!(resident(&s), 0, "cleared pages are given back");
+        // The next epoch reuses the chunks, which read as zeros.
+        s.stage(4096, &page(2));
+        assert_eq!(s.capacity_bytes(), (4 * CHUNK_BYTES) as u64);
+        assert_eq!(s.page(0)[0], 2);
+        assert!(is_zero(s.chunks[0].bytes()[PAGE_SIZE..].as_ref()));
+    }
+
+    /// Pages of `s`'s chunks in host memory (mincore).
+    fn resident(s: &Staging) -> usize {
+        let mut n = 0;
+        for c in &s.chunks {
+            let mut vec = vec![0u8; CHUNK_PAGES];
+            // SAFETY: the range is the chunk's mapping; mincore writes one
+            // byte per page into `vec`, which has room for all of them.
+            let rc =
+                unsafe { libc::mincore(c.0.as_ptr().cast(), CHUNK_BYTES, vec.as_mut_ptr().cast()) };
+            assert_eq!(rc, 0);
+            n += vec.iter().filter(|b| **b & 1 != 0).count();
+        }
+        n
     }
 }

@@ -567,6 +567,70 @@ impl NetNs {
     }
 }
 
+impl NetNs {
+    /// `twinvm ctl --socket SOCKET ARGS...` from inside the namespace.
+    pub fn ctl(&self, socket: &Path, args: &[&str]) -> (ExitStatus, String, String) {
+        let mut cmd: Command = self.command(twinvm_bin());
+        cmd.env_remove("TWINVM_LOG")
+            .args(["ctl", "--socket", path_str(socket)])
+            .args(args);
+        run_command_to_exit(cmd, Duration::from_secs(300))
+    }
+}
+
+/// The counters a VM printed, in order.
+pub fn counters(stdout: &str) -> Vec<u64> {
+    stdout
+        .lines()
+        .filter(|l| is_counter(l))
+        .map(counter_of)
+        .collect()
+}
+
+/// Parses JSON output, or fails the test showing it.
+pub fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+/// A client of the guest's TCP echo service (run it inside the guest's
+/// namespace) that keeps one connection busy — a 512-byte message, its
+/// echo checked byte for byte, every 20 ms — until `done` is set and 20
+/// more exchanges have passed (bounded by `max_exchanges` and `limit`).
+/// Returns the bytes verified.
+pub fn echo_client(
+    done: &std::sync::atomic::AtomicBool,
+    max_exchanges: u64,
+    limit: Duration,
+) -> usize {
+    let addr: std::net::SocketAddr = format!("{GUEST_IP}:7").parse().unwrap();
+    let t = Duration::from_secs(60);
+    let mut s =
+        std::net::TcpStream::connect_timeout(&addr, t).expect("connect to the echo service");
+    s.set_read_timeout(Some(t)).unwrap();
+    s.set_write_timeout(Some(t)).unwrap();
+    let started = Instant::now();
+    let mut verified = 0;
+    let mut after = 0;
+    for i in 0..max_exchanges {
+        let msg = pattern(512, i + 1);
+        s.write_all(&msg).expect("send to the guest");
+        let mut back = vec![0u8; msg.len()];
+        s.read_exact(&mut back)
+            .unwrap_or_else(|e| panic!("echo {i} ({verified} bytes verified before): {e}"));
+        assert!(back == msg, "echo {i} differs from what was sent");
+        verified += msg.len();
+        if done.load(Ordering::SeqCst) {
+            after += 1;
+            if after >= 20 {
+                return verified;
+            }
+        }
+        assert!(started.elapsed() < limit, "the echo client ran too long");
+        thread::sleep(Duration::from_millis(20));
+    }
+    panic!("not done within {max_exchanges} exchanges");
+}
+
 impl Drop for NetNs {
     fn drop(&mut self) {
         let _ = Command::new("ip")
