@@ -66,7 +66,7 @@ impl<'a> BootParams<'a> {
     }
 
     /// The valid E820 entries.
-    pub fn e820(&self) -> impl Iterator<Item = E820Entry> + '_ {
+    pub fn e820(&self) -> impl Iterator<Item = E820Entry> + Clone + '_ {
         (0..self.e820_len()).map(|i| self.e820_entry(i))
     }
 

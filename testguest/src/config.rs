@@ -10,7 +10,8 @@
 pub struct Config {
     /// Pages per second to dirty (0: idle).
     pub dirty_rate: u64,
-    /// Requested size of the work area, in MiB (capped to free RAM later).
+    /// Requested size of the work area, in MiB (capped to free RAM later);
+    /// [`DIRTY_MB_ALL`]: all of it.
     pub dirty_mb: u64,
     /// Power off after this many seconds (0: never).
     pub poweroff_after: u64,
@@ -29,6 +30,9 @@ pub struct Config {
     pub disk_verify: bool,
     /// Records written per second (`disk_rate=`, 0: as fast as possible).
     pub disk_rate: u64,
+    /// The stream flushes after every this many records
+    /// (`disk_flush_every=`, 0: never).
+    pub disk_flush_every: u64,
     /// MiB the disk benchmark writes and reads back (`disk_bench_mb=`).
     pub disk_bench_mb: u64,
 }
@@ -43,6 +47,8 @@ pub enum DiskWorkload {
     Records,
     /// The throughput benchmark (`disk=bench`).
     Bench,
+    /// Records appended without end (`disk=stream`).
+    Stream,
 }
 
 /// An IPv4 address with a prefix length (0..=32).
@@ -51,6 +57,10 @@ pub struct Ipv4Cidr {
     pub addr: [u8; 4],
     pub prefix: u8,
 }
+
+/// `dirty_mb` when it is not given (or given as `all`): all RAM above the
+/// guest's own memory.
+pub const DIRTY_MB_ALL: u64 = u64::MAX;
 
 /// Records the disk workload writes when `disk_records` is not given.
 pub const DEFAULT_DISK_RECORDS: u64 = 64;
@@ -61,7 +71,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             dirty_rate: 0,
-            dirty_mb: 16,
+            dirty_mb: DIRTY_MB_ALL,
             poweroff_after: 0,
             measure_ips: false,
             ip: None,
@@ -70,6 +80,7 @@ impl Default for Config {
             disk_records: DEFAULT_DISK_RECORDS,
             disk_verify: false,
             disk_rate: 0,
+            disk_flush_every: crate::disk::DEFAULT_FLUSH_EVERY,
             disk_bench_mb: DEFAULT_DISK_BENCH_MB,
         }
     }
@@ -88,16 +99,19 @@ impl Config {
             match (key, number) {
                 (b"dirty_rate", Some(n)) => config.dirty_rate = n,
                 (b"dirty_mb", Some(n)) => config.dirty_mb = n,
+                (b"dirty_mb", None) if value == b"all" => config.dirty_mb = DIRTY_MB_ALL,
                 (b"poweroff_after", Some(n)) => config.poweroff_after = n,
                 (b"measure_ips", Some(n)) => config.measure_ips = n != 0,
                 (b"disk_records", Some(n)) => config.disk_records = n,
                 (b"disk_verify", Some(n)) => config.disk_verify = n != 0,
                 (b"disk_rate", Some(n)) => config.disk_rate = n,
+                (b"disk_flush_every", Some(n)) => config.disk_flush_every = n,
                 (b"disk_bench_mb", Some(n)) => config.disk_bench_mb = n,
                 (b"disk", _) => {
                     config.disk_workload = match value {
                         b"records" => DiskWorkload::Records,
                         b"bench" => DiskWorkload::Bench,
+                        b"stream" => DiskWorkload::Stream,
                         _ => DiskWorkload::Off,
                     }
                 }
@@ -117,7 +131,7 @@ impl Config {
         config
     }
 
-    /// Requested work area size in bytes.
+    /// Requested work area size in bytes (`u64::MAX`: all free RAM).
     pub fn dirty_bytes(&self) -> u64 {
         self.dirty_mb.saturating_mul(1 << 20)
     }
@@ -185,8 +199,14 @@ mod tests {
     #[test]
     fn defaults_on_empty_line() {
         assert_eq!(Config::parse(b""), Config::default());
-        assert_eq!(Config::default().dirty_mb, 16);
-        assert_eq!(Config::default().dirty_bytes(), 16 << 20);
+        assert_eq!(Config::default().dirty_mb, DIRTY_MB_ALL);
+        assert_eq!(Config::default().dirty_bytes(), u64::MAX);
+        assert_eq!(Config::parse(b"dirty_mb=16").dirty_bytes(), 16 << 20);
+        assert_eq!(
+            Config::parse(b"dirty_mb=16 dirty_mb=all").dirty_mb,
+            DIRTY_MB_ALL
+        );
+        assert_eq!(Config::parse(b"dirty_mb=16 dirty_mb=x").dirty_mb, 16);
     }
 
     #[test]
@@ -267,6 +287,13 @@ mod tests {
         );
         assert_eq!((d.disk_records, d.disk_verify, d.disk_rate), (64, false, 0));
         assert_eq!(d.disk_bench_mb, 4);
+
+        assert_eq!(d.disk_flush_every, 16);
+        let st = Config::parse(b"disk=stream disk_rate=20 disk_flush_every=5");
+        assert_eq!(
+            (st.disk_workload, st.disk_rate, st.disk_flush_every),
+            (DiskWorkload::Stream, 20, 5)
+        );
 
         let b = Config::parse(b"disk=bench disk_bench_mb=16 disk_bench_mb=x");
         assert_eq!(

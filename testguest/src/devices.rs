@@ -1,10 +1,10 @@
 //! The virtio devices named on the command line and what runs on them: the
-//! network services on the first network device, the record workload or
-//! the benchmark on the first disk.
+//! network services on the first network device, the record workload, the
+//! record stream or the benchmark on the first disk.
 
 use smoltcp::time::Instant;
 use testguest::config::{Config, DiskWorkload};
-use testguest::disk::{Op, RecordJob, encode_record};
+use testguest::disk::{Op, RecordJob, StreamJob, encode_record};
 use testguest::diskbench::{BenchJob, BenchOp, DEPTH as BENCH_DEPTH};
 use testguest::fmt::Sink;
 use testguest::memmap::Region;
@@ -50,6 +50,7 @@ struct Disk {
     dev: VirtioBlk,
     irq: u32,
     job: Option<RecordJob>,
+    stream: Option<StreamJob>,
     op: Option<Op>,
     bench: Option<Bench>,
 }
@@ -140,8 +141,24 @@ impl Machine {
 
     /// One timer tick passed (called once per tick, in order).
     pub fn tick(&mut self) {
-        if let Some(Disk { job: Some(job), .. }) = &mut self.disks[0] {
-            job.tick();
+        if let Some(disk) = &mut self.disks[0] {
+            if let Some(job) = &mut disk.job {
+                job.tick();
+            }
+            if let Some(stream) = &mut disk.stream {
+                stream.tick();
+            }
+        }
+    }
+
+    /// Records the disk stream has written, if it runs.
+    pub fn stream_written(&self) -> Option<u64> {
+        match &self.disks[0] {
+            Some(Disk {
+                stream: Some(stream),
+                ..
+            }) => Some(stream.progress().0),
+            _ => None,
         }
     }
 
@@ -178,6 +195,7 @@ impl Machine {
                 disk.dev.ack_interrupt();
             }
             disk.run_job();
+            disk.run_stream();
             disk.run_bench();
         }
         busy
@@ -199,6 +217,13 @@ impl Machine {
             Some(Disk { job: Some(job), .. }) => {
                 let (written, verified) = job.progress();
                 report::disk_progress(&mut Serial, 0, written, verified);
+            }
+            Some(Disk {
+                stream: Some(stream),
+                ..
+            }) => {
+                let (written, flushed) = stream.progress();
+                report::disk_stream_progress(&mut Serial, 0, written, flushed);
             }
             Some(Disk {
                 bench: Some(bench), ..
@@ -282,6 +307,7 @@ fn start_disk(
                 dev,
                 irq,
                 job: None,
+                stream: None,
                 op: None,
                 bench: None,
             };
@@ -302,6 +328,22 @@ fn start_disk(
             dev.flush,
             config.disk_rate,
         )
+    });
+    let stream = (workload == DiskWorkload::Stream).then(|| {
+        let stream = StreamJob::new(
+            dev.capacity,
+            config.disk_flush_every,
+            dev.read_only,
+            dev.flush,
+            config.disk_rate,
+        );
+        report::disk_stream_start(
+            &mut Serial,
+            stream.sectors(),
+            config.disk_rate,
+            stream.flush_every(),
+        );
+        stream
     });
     let mut bench = None;
     if workload == DiskWorkload::Bench {
@@ -332,6 +374,7 @@ fn start_disk(
         dev,
         irq,
         job,
+        stream,
         op: None,
         bench,
     }
@@ -385,6 +428,43 @@ impl Disk {
         }
     }
 
+    /// Issues `op` (one request in flight at a time).
+    fn submit(&mut self, op: Op) {
+        let request = match op {
+            Op::Write(k) => {
+                encode_record(k, self.dev.data());
+                BlkRequest::Write(k)
+            }
+            Op::Append { record, sector } => {
+                encode_record(record, self.dev.data());
+                BlkRequest::Write(sector)
+            }
+            Op::Flush => BlkRequest::Flush,
+            Op::Read(k) => BlkRequest::Read(k),
+        };
+        self.dev.submit(request);
+        self.op = Some(op);
+    }
+
+    /// Takes the stream's finished request and issues its next one.
+    fn run_stream(&mut self) {
+        let Some(stream) = &mut self.stream else {
+            return;
+        };
+        if let Some(op) = self.op {
+            let Some(status) = self.dev.poll() else {
+                return;
+            };
+            self.op = None;
+            if let Some(outcome) = stream.complete(op, status) {
+                report::disk_outcome(&mut Serial, &outcome);
+            }
+        }
+        if let Some(op) = stream.next_op() {
+            self.submit(op);
+        }
+    }
+
     /// Takes a finished request and issues the next one of the workload.
     fn run_job(&mut self) {
         let Some(job) = &mut self.job else {
@@ -404,16 +484,7 @@ impl Disk {
         }
         match job.next_op() {
             Some(op) => {
-                let request = match op {
-                    Op::Write(k) => {
-                        encode_record(k, self.dev.data());
-                        BlkRequest::Write(k)
-                    }
-                    Op::Flush => BlkRequest::Flush,
-                    Op::Read(k) => BlkRequest::Read(k),
-                };
-                self.dev.submit(request);
-                self.op = Some(op);
+                self.submit(op);
             }
             None => {
                 if let Some(outcome) = job.settle() {

@@ -1,8 +1,10 @@
-//! The disk workload: numbered, checksummed records, one per 512-byte
-//! sector, written from sector 0 up, flushed, and optionally read back and
-//! verified.
+//! The disk workloads: numbered, checksummed records, one per 512-byte
+//! sector. [`RecordJob`] writes a fixed number from sector 0 up, flushes,
+//! and optionally reads them back and verifies them; [`StreamJob`] keeps
+//! appending them at a steady rate, wrapping around at the end of the disk.
 //!
-//! Record `k` lives in sector `k`:
+//! Record `k` lives in sector `k` (the stream: sector `k` mod the disk's
+//! capacity):
 //!
 //! | bytes | content |
 //! |---|---|
@@ -133,6 +135,19 @@ pub enum Op {
     Flush,
     /// Read sector `k` and verify record `k`.
     Read(u64),
+    /// Write record `record` to sector `sector` (the stream).
+    Append { record: u64, sector: u64 },
+}
+
+impl Op {
+    /// The record and the sector of a write.
+    pub fn write_target(&self) -> Option<(u64, u64)> {
+        match *self {
+            Self::Write(k) => Some((k, k)),
+            Self::Append { record, sector } => Some((record, sector)),
+            Self::Flush | Self::Read(_) => None,
+        }
+    }
 }
 
 /// What a finished request led to, for the console.
@@ -341,6 +356,135 @@ impl RecordJob {
     }
 }
 
+/// Flush after this many stream records when `disk_flush_every` is not
+/// given.
+pub const DEFAULT_FLUSH_EVERY: u64 = 16;
+
+/// The continuous workload (`disk=stream`): records 0, 1, 2, ... each
+/// written to sector `k` mod the disk's capacity, `rate` per second (0: as
+/// fast as the disk completes them), with a flush after every
+/// `flush_every` records (0: never; none without FLUSH support). It runs
+/// until a request fails. One request is in flight at a time; the requests
+/// are the same sequence whatever the timing, only their pace follows the
+/// timer.
+#[derive(Clone, Copy, Debug)]
+pub struct StreamJob {
+    sectors: u64,
+    flush_every: u64,
+    read_only: bool,
+    rate: u64,
+    splitter: RateSplitter,
+    credit: u64,
+    written: u64,
+    flushed: u64,
+    flush_due: bool,
+    stopped: bool,
+}
+
+impl StreamJob {
+    /// A stream over `capacity` sectors (none: the job is done at once).
+    /// `flush`: the device offers FLUSH. `read_only`: the device said it is
+    /// read-only (a refused write is then reported as such).
+    pub fn new(capacity: u64, flush_every: u64, read_only: bool, flush: bool, rate: u64) -> Self {
+        Self {
+            sectors: capacity,
+            flush_every: if flush { flush_every } else { 0 },
+            read_only,
+            rate,
+            splitter: RateSplitter::new(rate),
+            credit: 0,
+            written: 0,
+            flushed: 0,
+            flush_due: false,
+            stopped: capacity == 0,
+        }
+    }
+
+    /// Sectors the stream wraps around at.
+    pub fn sectors(&self) -> u64 {
+        self.sectors
+    }
+
+    /// Records between flushes (0: no flushes).
+    pub fn flush_every(&self) -> u64 {
+        self.flush_every
+    }
+
+    /// Records written, and records covered by the last flush.
+    pub fn progress(&self) -> (u64, u64) {
+        (self.written, self.flushed)
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.stopped
+    }
+
+    /// A timer tick passed: with a rate set, more writes are allowed (at
+    /// most a second's worth is saved up while the disk lags).
+    pub fn tick(&mut self) {
+        if self.rate != 0 && !self.stopped {
+            let due = self.splitter.next_tick();
+            self.credit = self.credit.saturating_add(due).min(self.rate);
+        }
+    }
+
+    /// The request to issue now, if any.
+    pub fn next_op(&self) -> Option<Op> {
+        if self.stopped {
+            None
+        } else if self.flush_due {
+            Some(Op::Flush)
+        } else if self.rate != 0 && self.credit == 0 {
+            None
+        } else {
+            Some(Op::Append {
+                record: self.written,
+                sector: self.written % self.sectors,
+            })
+        }
+    }
+
+    /// The request [`Self::next_op`] returned finished with `status`.
+    /// Returns a line to print, if any (the stream then stops).
+    pub fn complete(&mut self, op: Op, status: u8) -> Option<Outcome> {
+        match op {
+            Op::Append { record, .. } if record == self.written && !self.stopped => {
+                if status == STATUS_OK {
+                    self.written += 1;
+                    self.credit = self.credit.saturating_sub(1);
+                    self.flush_due =
+                        self.flush_every != 0 && self.written.is_multiple_of(self.flush_every);
+                    return None;
+                }
+                self.stopped = true;
+                if self.read_only && status == STATUS_IOERR {
+                    Some(Outcome::WriteRefused)
+                } else {
+                    Some(Outcome::IoError {
+                        record,
+                        op: "write",
+                        status,
+                    })
+                }
+            }
+            Op::Flush if self.flush_due && !self.stopped => {
+                self.flush_due = false;
+                if status == STATUS_OK {
+                    self.flushed = self.written;
+                    return None;
+                }
+                self.stopped = true;
+                Some(Outcome::IoError {
+                    record: self.written,
+                    op: "flush",
+                    status,
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -443,6 +587,7 @@ mod tests {
                     data = disk[k as usize];
                     STATUS_OK
                 }
+                Op::Append { .. } => unreachable!("a record job does not append"),
             };
             if let Some(o) = job.complete(op, status, &data) {
                 out.push(o);
@@ -549,5 +694,163 @@ mod tests {
         assert_eq!(job.complete(Op::Write(2), STATUS_OK, &data), None);
         assert_eq!(job.complete(Op::Flush, STATUS_OK, &data), None);
         assert_eq!(job.next_op(), Some(Op::Write(0)));
+    }
+
+    /// Runs a stream for `ticks` ticks against a simulated disk, issuing as
+    /// many requests per tick as it allows (at most `per_tick`); returns
+    /// the requests and the outcomes.
+    fn run_stream(
+        job: &mut StreamJob,
+        disk: &mut [[u8; SECTOR_SIZE]],
+        ticks: usize,
+        per_tick: usize,
+        status_of: impl Fn(Op) -> u8,
+    ) -> (Vec<Op>, Vec<Outcome>) {
+        let (mut ops, mut out) = (Vec::new(), Vec::new());
+        for _ in 0..ticks {
+            job.tick();
+            for _ in 0..per_tick {
+                let Some(op) = job.next_op() else {
+                    break;
+                };
+                let status = status_of(op);
+                if let (STATUS_OK, Some((record, sector))) = (status, op.write_target()) {
+                    encode_record(record, &mut disk[sector as usize]);
+                }
+                ops.push(op);
+                if let Some(o) = job.complete(op, status) {
+                    out.push(o);
+                }
+            }
+        }
+        (ops, out)
+    }
+
+    #[test]
+    fn stream_wraps_flushes_and_keeps_its_rate() {
+        let mut disk = vec![[0u8; SECTOR_SIZE]; 10];
+        let mut job = StreamJob::new(10, 4, false, true, 250);
+        assert_eq!(job.next_op(), None, "no credit before the first tick");
+        let (ops, out) = run_stream(&mut job, &mut disk, 100, 10, |_| STATUS_OK);
+        assert!(out.is_empty());
+        // 250 records in one second, a flush after every 4th.
+        assert_eq!(job.progress(), (250, 248));
+        let writes: Vec<(u64, u64)> = ops.iter().filter_map(Op::write_target).collect();
+        assert_eq!(writes.len(), 250);
+        for (i, &(record, sector)) in writes.iter().enumerate() {
+            assert_eq!((record, sector), (i as u64, i as u64 % 10));
+        }
+        assert_eq!(ops.iter().filter(|o| **o == Op::Flush).count(), 62);
+        assert_eq!(ops[4], Op::Flush);
+        // The disk holds the last record written to each sector.
+        for (sector, data) in disk.iter().enumerate() {
+            assert_eq!(verify_record(240 + sector as u64, data), Ok(()));
+        }
+        assert!(!job.is_done());
+        assert_eq!((job.sectors(), job.flush_every()), (10, 4));
+    }
+
+    #[test]
+    fn stream_request_sequence_does_not_depend_on_timing() {
+        let sequence = |rate, per_tick, ticks| {
+            let mut disk = vec![[0u8; SECTOR_SIZE]; 7];
+            let mut job = StreamJob::new(7, 3, false, true, rate);
+            let (ops, _) = run_stream(&mut job, &mut disk, ticks, per_tick, |_| STATUS_OK);
+            ops[..60].to_vec()
+        };
+        let a = sequence(0, 1, 100);
+        assert_eq!(a, sequence(0, 5, 100));
+        assert_eq!(a, sequence(1000, 2, 100));
+        assert_eq!(a, sequence(7, 100, 1000));
+    }
+
+    #[test]
+    fn stream_unthrottled_without_flush_and_credit_cap() {
+        let mut disk = vec![[0u8; SECTOR_SIZE]; 4];
+        let mut job = StreamJob::new(4, 16, false, false, 0);
+        let (ops, _) = run_stream(&mut job, &mut disk, 3, 5, |_| STATUS_OK);
+        assert_eq!(ops.len(), 15);
+        assert!(ops.iter().all(|o| o.write_target().is_some()));
+        assert_eq!(job.flush_every(), 0);
+        assert_eq!(job.progress(), (15, 0));
+        // A disk that lags saves up at most one second of writes.
+        let mut job = StreamJob::new(4, 0, false, true, 100);
+        for _ in 0..500 {
+            job.tick();
+        }
+        let (ops, _) = run_stream(&mut job, &mut disk, 0, 0, |_| STATUS_OK);
+        assert!(ops.is_empty());
+        let mut n = 0;
+        while let Some(op) = job.next_op() {
+            job.complete(op, STATUS_OK);
+            n += 1;
+        }
+        assert_eq!(n, 100);
+    }
+
+    #[test]
+    fn stream_stops_on_errors() {
+        let mut disk = vec![[0u8; SECTOR_SIZE]; 8];
+        // A write fails.
+        let mut job = StreamJob::new(8, 4, false, true, 0);
+        let (ops, out) = run_stream(&mut job, &mut disk, 1, 20, |op| match op {
+            Op::Append { record: 6, .. } => STATUS_IOERR,
+            _ => STATUS_OK,
+        });
+        assert_eq!(
+            out,
+            vec![Outcome::IoError {
+                record: 6,
+                op: "write",
+                status: STATUS_IOERR
+            }]
+        );
+        assert_eq!(ops.len(), 8); // 6 writes, a flush, the failed write
+        assert!(job.is_done());
+        assert_eq!(job.next_op(), None);
+        assert_eq!(job.progress(), (6, 4));
+        // A flush fails.
+        let mut job = StreamJob::new(8, 4, false, true, 0);
+        let (_, out) = run_stream(&mut job, &mut disk, 1, 20, |op| match op {
+            Op::Flush => STATUS_UNSUPP,
+            _ => STATUS_OK,
+        });
+        assert_eq!(
+            out,
+            vec![Outcome::IoError {
+                record: 4,
+                op: "flush",
+                status: STATUS_UNSUPP
+            }]
+        );
+        // A read-only disk.
+        let mut job = StreamJob::new(8, 4, true, true, 0);
+        let (_, out) = run_stream(&mut job, &mut disk, 1, 20, |_| STATUS_IOERR);
+        assert_eq!(out, vec![Outcome::WriteRefused]);
+        // No capacity: nothing to do.
+        let job = StreamJob::new(0, 4, false, true, 0);
+        assert!(job.is_done());
+        assert_eq!(job.next_op(), None);
+        // Completions of other requests are ignored.
+        let mut job = StreamJob::new(8, 4, false, true, 0);
+        assert_eq!(job.complete(Op::Flush, STATUS_IOERR), None);
+        assert_eq!(job.complete(Op::Write(0), STATUS_IOERR), None);
+        assert_eq!(
+            job.complete(
+                Op::Append {
+                    record: 1,
+                    sector: 1
+                },
+                STATUS_IOERR
+            ),
+            None
+        );
+        assert_eq!(
+            job.next_op(),
+            Some(Op::Append {
+                record: 0,
+                sector: 0
+            })
+        );
     }
 }

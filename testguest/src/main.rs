@@ -24,7 +24,7 @@ use testguest::bootparams::{BOOT_PARAMS_SIZE, BootParams, CMDLINE_MAX};
 use testguest::command::{Command, LineReader};
 use testguest::config::Config;
 use testguest::fmt::Sink;
-use testguest::memmap::work_area;
+use testguest::memmap::{work_area, work_ranges};
 use testguest::report;
 use testguest::virtio::MmioDevices;
 use testguest::workload::Workload;
@@ -52,6 +52,7 @@ extern "C" fn kmain(boot_params: u64) -> ! {
     let image_end = &raw const __image_end as u64;
     // With virtio devices, their memory comes first above the image and the
     // work area follows it; without, the work area starts at the image end.
+    // (twinvm's page tables and boot data are below the image.)
     let mut device_area = None;
     let mut work_start = image_end;
     if !devices.is_empty() {
@@ -61,7 +62,8 @@ extern "C" fn kmain(boot_params: u64) -> ! {
             work_start = area.base + area.size;
         }
     }
-    let area = work_area(bp.e820(), work_start, config.dirty_bytes());
+    // The work area: all RAM above that (or the first dirty_mb MiB of it).
+    let area = work_ranges(bp.e820(), work_start, config.dirty_bytes());
     report::config(&mut Serial, &config, &area);
 
     interrupts::start_timer();
@@ -119,7 +121,7 @@ fn run(config: &Config, mut workload: Workload, mut machine: Machine) -> ! {
             });
             machine.tick();
             if counter.is_multiple_of(TICKS_PER_SECOND) {
-                report::counter(&mut Serial, counter, workload.dirtied());
+                report_counter(counter, &workload, &machine);
                 if counter == poweroff_tick {
                     Serial.put_str("poweroff\n");
                     power::poweroff();
@@ -141,9 +143,7 @@ fn run(config: &Config, mut workload: Workload, mut machine: Machine) -> ! {
                         Serial.put_str("reboot\n");
                         power::reboot();
                     }
-                    Some(Command::Counter) => {
-                        report::counter(&mut Serial, counter, workload.dirtied())
-                    }
+                    Some(Command::Counter) => report_counter(counter, &workload, &machine),
                     Some(Command::Panic) => panic!("panic requested on the serial port"),
                     Some(Command::Net) => machine.report_net(),
                     Some(Command::Disk) => machine.report_disk(),
@@ -159,6 +159,16 @@ fn run(config: &Config, mut workload: Workload, mut machine: Machine) -> ! {
         let busy = machine.poll(counter * (1000 / TICKS_PER_SECOND), irqs, ticked);
         if !busy && interrupts::ticks() == counter && !interrupts::irqs_pending() {
             wait_for_interrupt();
+        }
+    }
+}
+
+/// The counter line (with the disk stream's records while it runs).
+fn report_counter(counter: u64, workload: &Workload, machine: &Machine) {
+    match machine.stream_written() {
+        None => report::counter(&mut Serial, counter, workload.dirtied()),
+        Some(records) => {
+            report::counter_with_records(&mut Serial, counter, workload.dirtied(), records)
         }
     }
 }

@@ -4,7 +4,7 @@ use crate::config::{Config, Ipv4Cidr};
 use crate::disk::Outcome;
 use crate::diskbench::{BenchLine, REQUEST_BYTES};
 use crate::fmt::Sink;
-use crate::memmap::Region;
+use crate::memmap::WorkRanges;
 use crate::net::NetStats;
 
 /// The ready banner (without the line end).
@@ -16,14 +16,18 @@ pub fn banner(out: &mut impl Sink) {
     out.put(b'\n');
 }
 
-/// `config dirty_rate=<n> dirty_area=<bytes> dirty_base=<hex> poweroff_after=<n> measure_ips=<0|1>`
-pub fn config(out: &mut impl Sink, config: &Config, area: &Region) {
+/// `config dirty_rate=<n> dirty_area=<bytes> dirty_base=<hex> dirty_end=<hex> poweroff_after=<n> measure_ips=<0|1>`
+/// (`dirty_area` counts the bytes of all the work area's ranges, which lie
+/// between `dirty_base` and `dirty_end`)
+pub fn config(out: &mut impl Sink, config: &Config, area: &WorkRanges) {
     out.put_str("config dirty_rate=");
     out.put_u64(config.dirty_rate);
     out.put_str(" dirty_area=");
-    out.put_u64(area.size);
+    out.put_u64(area.size());
     out.put_str(" dirty_base=");
-    out.put_hex(area.base);
+    out.put_hex(area.base());
+    out.put_str(" dirty_end=");
+    out.put_hex(area.end());
     out.put_str(" poweroff_after=");
     out.put_u64(config.poweroff_after);
     out.put_str(" measure_ips=");
@@ -37,6 +41,18 @@ pub fn counter(out: &mut impl Sink, counter: u64, dirtied: u64) {
     out.put_u64(counter);
     out.put_str(" dirtied=");
     out.put_u64(dirtied);
+    out.put(b'\n');
+}
+
+/// `counter=<n> dirtied=<n> records=<n>`: the counter line while the disk
+/// stream runs (`records`: records it has written).
+pub fn counter_with_records(out: &mut impl Sink, counter: u64, dirtied: u64, records: u64) {
+    out.put_str("counter=");
+    out.put_u64(counter);
+    out.put_str(" dirtied=");
+    out.put_u64(dirtied);
+    out.put_str(" records=");
+    out.put_u64(records);
     out.put(b'\n');
 }
 
@@ -193,6 +209,29 @@ pub fn disk_progress(out: &mut impl Sink, index: usize, written: u64, verified: 
     out.put(b'\n');
 }
 
+/// `disk stream start sectors=<n> rate=<n> flush_every=<n>`
+pub fn disk_stream_start(out: &mut impl Sink, sectors: u64, rate: u64, flush_every: u64) {
+    out.put_str("disk stream start sectors=");
+    out.put_u64(sectors);
+    out.put_str(" rate=");
+    out.put_u64(rate);
+    out.put_str(" flush_every=");
+    out.put_u64(flush_every);
+    out.put(b'\n');
+}
+
+/// `disk<i> stream written=<n> flushed=<n>` (the `disk` command while the
+/// stream runs).
+pub fn disk_stream_progress(out: &mut impl Sink, index: usize, written: u64, flushed: u64) {
+    out.put_str("disk");
+    out.put_u64(index as u64);
+    out.put_str(" stream written=");
+    out.put_u64(written);
+    out.put_str(" flushed=");
+    out.put_u64(flushed);
+    out.put(b'\n');
+}
+
 /// `net<i> discard_bytes=<n> source_bytes=<n>` (the `net` command's second
 /// line).
 pub fn net_bulk_stats(out: &mut impl Sink, index: usize, stats: &NetStats) {
@@ -283,7 +322,9 @@ pub fn device_error(out: &mut impl Sink, base: u64, problem: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bootparams::E820Entry;
     use crate::fmt::testing::VecSink;
+    use crate::memmap::work_ranges;
 
     #[test]
     fn lines() {
@@ -296,22 +337,41 @@ mod tests {
             measure_ips: true,
             ..Config::default()
         };
+        let ram = [
+            E820Entry {
+                addr: 0x10_0000,
+                size: 0xbff0_0000,
+                kind: 1,
+            },
+            E820Entry {
+                addr: 0x1_0000_0000,
+                size: 0x4000_0000,
+                kind: 1,
+            },
+        ];
         config(
             &mut s,
             &cfg,
-            &Region {
-                base: 0x11_3000,
-                size: 16 << 20,
-            },
+            &work_ranges(ram.into_iter(), 0x11_3000, 16 << 20),
         );
+        config(
+            &mut s,
+            &cfg,
+            &work_ranges(ram.into_iter(), 0x11_3000, u64::MAX),
+        );
+        config(&mut s, &cfg, &WorkRanges::default());
         counter(&mut s, 500, 5000);
+        counter_with_records(&mut s, 600, 6000, 42);
         ips(&mut s, 1_700_000);
         unknown_command(&mut s, b"fo\x07o");
         assert_eq!(
             s.text(),
             "TWINVM TESTGUEST READY\n\
-             config dirty_rate=1000 dirty_area=16777216 dirty_base=0x113000 poweroff_after=3 measure_ips=1\n\
+             config dirty_rate=1000 dirty_area=16777216 dirty_base=0x113000 dirty_end=0x1113000 poweroff_after=3 measure_ips=1\n\
+             config dirty_rate=1000 dirty_area=4293840896 dirty_base=0x113000 dirty_end=0x140000000 poweroff_after=3 measure_ips=1\n\
+             config dirty_rate=1000 dirty_area=0 dirty_base=0x0 dirty_end=0x0 poweroff_after=3 measure_ips=1\n\
              counter=500 dirtied=5000\n\
+             counter=600 dirtied=6000 records=42\n\
              ips=1700000\n\
              unknown command: fo?o\n"
         );
@@ -370,6 +430,8 @@ mod tests {
             disk_outcome(&mut s, &o);
         }
         disk_progress(&mut s, 0, 10, 0);
+        disk_stream_start(&mut s, 2048, 20, 16);
+        disk_stream_progress(&mut s, 0, 100, 96);
         for line in [
             BenchLine::Start {
                 requests: 256,
@@ -411,6 +473,8 @@ mod tests {
              disk error at record 3: read status=1\n\
              disk error at record 4: bad checksum\n\
              disk0 records written=10 verified=0\n\
+             disk stream start sectors=2048 rate=20 flush_every=16\n\
+             disk0 stream written=100 flushed=96\n\
              disk bench start bytes=1048576 requests=256 request_bytes=4096 in_flight=8\n\
              disk bench write bytes=1048576 requests=256 ticks=70\n\
              disk bench flush ticks=1\n\

@@ -1,8 +1,9 @@
-//! The memory-dirtying workload: a fixed pseudo-random sequence of pages in
-//! the work area, written at an exact rate of pages per second.
+//! The memory-dirtying workload: a fixed pseudo-random sequence of pages
+//! spread over the whole work area (all the RAM ranges it spans), written
+//! at an exact rate of pages per second.
 
 use crate::TICKS_PER_SECOND;
-use crate::memmap::{PAGE_SIZE, Region};
+use crate::memmap::{MAX_RANGES, PAGE_SIZE, WorkRanges};
 
 /// Seed of the page sequence (the same in every guest, for determinism).
 pub const SEED: u64 = 0x2545_f491_4f6c_dd1d;
@@ -36,6 +37,33 @@ impl Xorshift64 {
     }
 }
 
+/// The generator of the page sequence: a 64-bit linear congruential
+/// generator (Knuth's MMIX constants), `x = x * LCG_MUL + LCG_INC`, whose
+/// high bits pick the page. Two instructions a step: under the instruction
+/// emulator that is what makes high page rates possible.
+#[derive(Clone, Copy, Debug)]
+pub struct Lcg64 {
+    state: u64,
+}
+
+/// Multiplier and increment of [`Lcg64`].
+pub const LCG_MUL: u64 = 6_364_136_223_846_793_005;
+pub const LCG_INC: u64 = 1_442_695_040_888_963_407;
+
+impl Lcg64 {
+    pub const fn new(seed: u64) -> Self {
+        Self { state: seed }
+    }
+
+    /// The next value in `0..n`: the new state times `n`, its high 64 bits
+    /// (so the state's high bits decide).
+    #[inline(always)]
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.state = self.state.wrapping_mul(LCG_MUL).wrapping_add(LCG_INC);
+        ((u128::from(self.state) * u128::from(n)) >> 64) as u64
+    }
+}
+
 /// Spreads a per-second rate over the ticks of each second, carrying the
 /// remainder so that every second gets exactly `per_second` units.
 #[derive(Clone, Copy, Debug)]
@@ -61,20 +89,65 @@ impl RateSplitter {
     }
 }
 
+/// Page index to address over the ranges of a [`WorkRanges`]: page `i` of
+/// the area (counting through the ranges in address order) is at
+/// `offset[r] + i * PAGE_SIZE` for the last range `r` with `first[r] <= i`.
+#[derive(Clone, Copy, Debug)]
+struct PageMap {
+    /// Index of the first page of each range (`first[0]` is 0).
+    first: [u64; MAX_RANGES],
+    /// `base - first * PAGE_SIZE` of each range (wrapping).
+    offset: [u64; MAX_RANGES],
+    count: usize,
+    pages: u64,
+}
+
+impl PageMap {
+    fn new(area: &WorkRanges) -> Self {
+        let mut map = Self {
+            first: [0; MAX_RANGES],
+            offset: [0; MAX_RANGES],
+            count: 0,
+            pages: 0,
+        };
+        for (i, r) in area.ranges().iter().enumerate() {
+            map.first[i] = map.pages;
+            map.offset[i] = r.base.wrapping_sub(map.pages * PAGE_SIZE);
+            map.pages += r.pages();
+            map.count = i + 1;
+        }
+        map
+    }
+
+    /// The address of page `index` (< `pages`; `count` > 0).
+    fn address(&self, index: u64) -> u64 {
+        let mut offset = self.offset[0];
+        let n = self.count.clamp(1, MAX_RANGES);
+        for (&first, &o) in self.first[1..n].iter().zip(&self.offset[1..n]) {
+            if index >= first {
+                offset = o;
+            }
+        }
+        offset.wrapping_add(index * PAGE_SIZE)
+    }
+}
+
 /// The workload state.
 #[derive(Debug)]
 pub struct Workload {
-    area: Region,
-    rng: Xorshift64,
+    area: WorkRanges,
+    map: PageMap,
+    rng: Lcg64,
     rate: RateSplitter,
     dirtied: u64,
 }
 
 impl Workload {
-    pub fn new(area: Region, pages_per_second: u64) -> Self {
+    pub fn new(area: WorkRanges, pages_per_second: u64) -> Self {
         Self {
             area,
-            rng: Xorshift64::new(SEED),
+            map: PageMap::new(&area),
+            rng: Lcg64::new(SEED),
             rate: RateSplitter::new(pages_per_second),
             dirtied: 0,
         }
@@ -86,8 +159,8 @@ impl Workload {
     }
 
     /// The work area.
-    pub fn area(&self) -> Region {
-        self.area
+    pub fn area(&self) -> &WorkRanges {
+        &self.area
     }
 
     /// Total pages written so far.
@@ -96,17 +169,43 @@ impl Workload {
     }
 
     /// Does one tick's share of work: calls `write(address, counter)` for each
-    /// page to dirty (`address` is the page's guest-physical address).
+    /// page to dirty (`address` is the page's guest-physical address, page
+    /// `i` of the sequence is page `below(pages)` of the area, counted
+    /// through its ranges in address order). One tight loop, the generator
+    /// kept in registers: this is the guest's hot path.
+    #[inline(always)]
     pub fn tick(&mut self, counter: u64, mut write: impl FnMut(u64, u64)) {
         let due = self.rate.next_tick();
-        let pages = self.area.pages();
-        if pages == 0 {
+        let pages = self.map.pages;
+        if pages == 0 || due == 0 {
             return;
         }
-        for _ in 0..due {
-            let page = self.rng.below(pages);
-            write(self.area.base + page * PAGE_SIZE, counter);
+        let map = self.map;
+        let mut rng = self.rng;
+        // One or two ranges (all guests below 3 GiB, and those above) get
+        // loops of their own, a handful of instructions per page.
+        match map.count {
+            1 => {
+                let offset = map.offset[0];
+                for _ in 0..due {
+                    write(offset + rng.below(pages) * PAGE_SIZE, counter);
+                }
+            }
+            2 => {
+                let (low, high, first_high) = (map.offset[0], map.offset[1], map.first[1]);
+                for _ in 0..due {
+                    let index = rng.below(pages);
+                    let offset = if index >= first_high { high } else { low };
+                    write(offset.wrapping_add(index * PAGE_SIZE), counter);
+                }
+            }
+            _ => {
+                for _ in 0..due {
+                    write(map.address(rng.below(pages)), counter);
+                }
+            }
         }
+        self.rng = rng;
         self.dirtied += due;
     }
 }
@@ -165,12 +264,25 @@ mod tests {
         let _ = s.next_tick();
     }
 
+    use crate::bootparams::E820Entry;
+    use crate::memmap::{Region, work_ranges};
+
+    fn ranges(regions: &[(u64, u64)]) -> WorkRanges {
+        let entries = regions.iter().map(|&(addr, size)| E820Entry {
+            addr,
+            size,
+            kind: 1,
+        });
+        work_ranges(entries, 0, u64::MAX)
+    }
+
     #[test]
     fn workload_writes_pages_in_the_area() {
-        let area = Region {
+        let region = Region {
             base: 0x20_0000,
             size: 16 * PAGE_SIZE,
         };
+        let area = ranges(&[(region.base, region.size)]);
         let mut w = Workload::new(area, 250);
         let mut writes = Vec::new();
         for counter in 1..=200 {
@@ -179,7 +291,7 @@ mod tests {
         assert_eq!(w.dirtied(), 500);
         assert_eq!(writes.len(), 500);
         for &(addr, value) in &writes {
-            assert!(addr >= area.base && addr < area.base + area.size);
+            assert!(addr >= region.base && addr < region.base + region.size);
             assert_eq!(addr % PAGE_SIZE, 0);
             assert!((1..=200).contains(&value));
         }
@@ -194,10 +306,74 @@ mod tests {
 
     #[test]
     fn empty_area_writes_nothing() {
-        let mut w = Workload::new(Region::default(), 1000);
+        let mut w = Workload::new(WorkRanges::default(), 1000);
         for c in 0..100 {
             w.tick(c, |_, _| panic!("no write expected"));
         }
         assert_eq!(w.dirtied(), 0);
+    }
+
+    #[test]
+    fn pages_are_spread_uniformly_over_all_ranges() {
+        // Three ranges of 8, 16 and 8 pages with holes between them.
+        const MB: u64 = 1 << 20;
+        let area = ranges(&[
+            (4 * MB, 8 * PAGE_SIZE),
+            (16 * MB, 16 * PAGE_SIZE),
+            (64 * MB, 8 * PAGE_SIZE),
+        ]);
+        assert_eq!(area.ranges().len(), 3);
+        let mut w = Workload::new(area, 32_000);
+        let mut hits = std::collections::BTreeMap::new();
+        for counter in 1..=100 {
+            w.tick(counter, |addr, _| *hits.entry(addr).or_insert(0u64) += 1);
+        }
+        assert_eq!(w.dirtied(), 32_000);
+        // Every page of every range, and nothing else, about equally often.
+        let expected: Vec<u64> = area
+            .ranges()
+            .iter()
+            .flat_map(|r| (0..r.pages()).map(move |p| r.base + p * PAGE_SIZE))
+            .collect();
+        assert_eq!(hits.keys().copied().collect::<Vec<_>>(), expected);
+        for (&addr, &n) in &hits {
+            assert!((800..1200).contains(&n), "page {addr:#x} hit {n} times");
+        }
+    }
+
+    #[test]
+    fn page_map_boundaries() {
+        const GB: u64 = 1 << 30;
+        let area = ranges(&[(2 << 20, 3 * GB - (2 << 20)), (4 * GB, GB)]);
+        let map = PageMap::new(&area);
+        let low = (3 * GB - (2 << 20)) / PAGE_SIZE;
+        assert_eq!(map.pages, low + GB / PAGE_SIZE);
+        assert_eq!(map.address(0), 2 << 20);
+        assert_eq!(map.address(low - 1), 3 * GB - PAGE_SIZE);
+        assert_eq!(map.address(low), 4 * GB);
+        assert_eq!(map.address(map.pages - 1), 5 * GB - PAGE_SIZE);
+    }
+
+    #[test]
+    fn sequence_is_the_documented_one() {
+        // Page i: the high bits of the i+1-th LCG state from SEED, scaled
+        // to the area's page count.
+        let area = ranges(&[(1 << 20, 1000 * PAGE_SIZE)]);
+        let mut w = Workload::new(area, 100);
+        let mut got = Vec::new();
+        for c in 1..=100 {
+            w.tick(c, |addr, _| got.push(addr));
+        }
+        let mut x = SEED;
+        let want: Vec<u64> = (0..100)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                (1 << 20) + ((u128::from(x) * 1000) >> 64) as u64 * PAGE_SIZE
+            })
+            .collect();
+        assert_eq!(got, want);
+        assert_eq!(got[..3], [0x2d_8000, 0x1d_8000, 0x47_0000]);
     }
 }
