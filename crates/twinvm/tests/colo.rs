@@ -189,7 +189,8 @@ fn a_hundred_verified_checkpoints_under_memory_network_and_disk_load() {
     let ns = NetNs::new("colo");
     let files = Files::new("colo");
     let mut sec = secondary(&ns, &files, PORT, &[], &[]);
-    let mut pri = primary(&ns, &files, PORT, &[], &[]);
+    // Pages travel on two connections.
+    let mut pri = primary(&ns, &files, PORT, &["--replication-channels", "2"], &[]);
     let r = pri.wait_until(&ns, "protection", T, protected);
     assert!(checkpoints(&r) >= 1, "{r:#}");
 
