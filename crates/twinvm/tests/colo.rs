@@ -23,9 +23,9 @@ use common::{
 
 const T: Duration = Duration::from_secs(60);
 /// Guest RAM of the pair.
-const MEMORY_MIB: u64 = 128;
+const MEMORY_MIB: u64 = 160;
 /// The secondary's staging bound (`--staging-limit`).
-const STAGING_LIMIT: &str = "4M";
+const STAGING_LIMIT: &str = "2M";
 /// The guest dirties random pages all over its RAM, and appends records
 /// to its disk.
 const WORKLOAD: &str = "dirty_rate=4000 disk=stream disk_rate=20 disk_flush_every=5";
@@ -236,6 +236,15 @@ fn a_hundred_verified_checkpoints_under_memory_network_and_disk_load() {
         "{sec_status:#}"
     );
     assert!(status["last_error"].is_null(), "{status:#}");
+    // Protection started with live pre-copy: the checkpoint that ended
+    // the sync carried a residue, not the guest's memory.
+    let sync = &status["sync_checkpoint"];
+    assert_eq!(sync["trigger"], "sync", "{status:#}");
+    let ram_pages = (MEMORY_MIB << 20) / 4096;
+    assert!(
+        sync["pages_in_pause"].as_u64().unwrap() < ram_pages / 16,
+        "{sync:#}"
+    );
     // The guest used its network throughout, and both sides' guests
     // dirtied pages (the secondary reports its own).
     assert!(verified >= 100 * 512, "only {verified} echo bytes verified");
@@ -251,9 +260,23 @@ fn a_hundred_verified_checkpoints_under_memory_network_and_disk_load() {
         max_rss / 1024,
         ram / 1024
     );
-    // The guest's disk records were written on the primary.
-    let pri_out = pri.vm.stdout();
-    assert!(pri_out.contains("disk"), "{}", pri.vm.transcript());
+    // The guest kept writing records to its disk on the primary.
+    let records = pri
+        .vm
+        .stdout()
+        .lines()
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("records="))
+        })
+        .filter_map(|n| n.parse::<u64>().ok())
+        .max()
+        .unwrap_or(0);
+    assert!(
+        records >= 100,
+        "{records} disk records\n{}",
+        pri.vm.transcript()
+    );
 
     pri.vm.send_line("poweroff");
     assert!(
@@ -261,10 +284,10 @@ fn a_hundred_verified_checkpoints_under_memory_network_and_disk_load() {
         "{}",
         pri.vm.transcript()
     );
-    // The secondary goes on alone once its primary is gone.
-    sec.wait_until(&ns, "primary lost", T, |r| r["state"] == "primary-lost");
-    next_counter(&mut sec);
-    sec.vm.kill();
+    // The guest powered off on the primary: the protected VM is off, and
+    // the secondary ends with it (only a lost primary makes it go on).
+    let status = sec.vm.wait_exit(T).unwrap();
+    assert!(status.success(), "{}", sec.vm.transcript());
 }
 
 #[test]
@@ -295,11 +318,13 @@ fn primary_dying_mid_checkpoint_leaves_the_secondary_on_its_last_checkpoint() {
     assert!(d["digest_at_pause"].is_string(), "{r:#}");
     assert_eq!(d["digest_at_pause"], d["digest_after_discard"], "{r:#}");
     // The guest goes on from its own state: the counter continues, no
-    // second boot.
+    // second boot. (The secondary's console is speculative between
+    // checkpoints: a line it printed after the last complete checkpoint
+    // may come again.)
     let last = common::counters(&before).last().copied().unwrap_or(0);
     let next = next_counter(&mut sec);
     assert!(
-        next > last,
+        next + 100 >= last && next > 0,
         "counter {next} after {last}\n{}",
         sec.vm.transcript()
     );

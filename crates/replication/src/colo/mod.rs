@@ -167,7 +167,8 @@ pub enum State {
     /// Secondary: the primary was lost; the guest goes on from its last
     /// complete checkpoint.
     PrimaryLost,
-    /// Replication was stopped.
+    /// Replication was stopped, or (secondary) the primary's VM ended in
+    /// order and this copy with it.
     Stopped,
 }
 
@@ -350,6 +351,9 @@ pub struct Status {
     pub last_checkpoint: Option<CheckpointInfo>,
     /// The checkpoint with the longest pause so far.
     pub slowest_checkpoint: Option<CheckpointInfo>,
+    /// The first checkpoint of the session, which ended the initial sync:
+    /// starting protection cost the primary this one pause.
+    pub sync_checkpoint: Option<CheckpointInfo>,
     /// Background rounds since protection started.
     pub background_rounds: u64,
     /// Pages sent (primary) or received (secondary) in background rounds.
@@ -515,6 +519,7 @@ impl Handle {
                 pause_histogram: PauseHistogram::new(),
                 last_checkpoint: None,
                 slowest_checkpoint: None,
+                sync_checkpoint: None,
                 background_rounds: 0,
                 background_pages: 0,
                 background_bytes: 0,
@@ -652,6 +657,9 @@ impl Handle {
             }
             if info.digest.is_some() {
                 s.verified_checkpoints += 1;
+            }
+            if info.trigger == Some(Trigger::Sync) {
+                s.sync_checkpoint = Some(info.clone());
             }
             if s.slowest_checkpoint
                 .as_ref()

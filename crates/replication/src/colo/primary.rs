@@ -298,13 +298,11 @@ impl<'a> Session<'a> {
                 next_round = Instant::now() + round_interval;
                 continue;
             }
-            if self.staged.count() as u64 * PAGE_SIZE as u64 >= self.staging_limit {
-                self.checkpoint(Trigger::StagingFull)?;
-                next_checkpoint = Instant::now() + interval;
-                continue;
-            }
             if now >= next_round {
-                self.background_round()?;
+                if !self.background_round()? {
+                    self.checkpoint(Trigger::StagingFull)?;
+                    next_checkpoint = Instant::now() + interval;
+                }
                 next_round = Instant::now() + round_interval;
                 continue;
             }
@@ -314,9 +312,19 @@ impl<'a> Session<'a> {
 
     /// Sends what the guest dirtied since the last round and what the
     /// secondary reported, and learns what the secondary's guest dirtied.
-    fn background_round(&mut self) -> Result<(), Error> {
+    ///
+    /// Returns `false`, sending nothing, if the round would take the
+    /// secondary's staging area past its limit: its pages then wait for
+    /// the checkpoint the caller takes at once.
+    fn background_round(&mut self) -> Result<bool, Error> {
         let mut set = self.vm.take_dirty().map_err(vm_err("read the dirty log"))?;
         set.union_with(&self.pending);
+        let mut after = set.clone();
+        after.union_with(&self.staged);
+        if after.count() as u64 * PAGE_SIZE as u64 > self.staging_limit {
+            self.pending = set;
+            return Ok(false);
+        }
         self.pending.clear();
         let (p0, b0) = self.counters.get();
         self.send_pages(&set, false, false)?;
@@ -333,7 +341,7 @@ impl<'a> Session<'a> {
             s.staging_bytes = ack.staged_bytes;
             s.staging_peak_bytes = s.staging_peak_bytes.max(ack.staged_bytes);
         });
-        Ok(())
+        Ok(true)
     }
 
     /// Adds pages the secondary reported to those to send next.

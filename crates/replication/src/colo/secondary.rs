@@ -581,7 +581,7 @@ impl Coordinator<'_, '_> {
                 }
                 Event::Pause(epoch) => self.pause(epoch),
                 Event::State(payload) => self.take_state(&payload),
-                Event::Goodbye => Err(Error::PeerAborted("the primary ended protection".into())),
+                Event::Goodbye => return self.end_in_order(),
                 Event::Failed(e) => Err(e),
             };
             if let Err(e) = step {
@@ -819,6 +819,26 @@ impl Coordinator<'_, '_> {
         // Tracking starts clean: the guest's own writes from here on.
         vm.take_dirty().map_err(vm_err("reset the dirty log"))?;
         Ok(())
+    }
+
+    /// The primary's VM ended in order (its guest powered off, or it was
+    /// stopped through its API): the protected VM is off, so this copy
+    /// ends too. Nothing of the epoch in progress is applied.
+    fn end_in_order(&mut self) -> Result<(), Error> {
+        for s in &self.shared.staging {
+            lock(s).clear();
+        }
+        tracing::info!("the primary's VM ended: the secondary's ends too");
+        self.handle.update(|s| s.staging_bytes = 0);
+        self.handle.set_state(State::Stopped);
+        if self.ran {
+            // The receiver lives in the VM: the send cannot fail.
+            let _ = self.vm.event_sender().send(vmm::VmEvent::PowerOff);
+            return Ok(());
+        }
+        Err(Error::PeerAborted(
+            "the primary's VM ended before the first checkpoint".into(),
+        ))
     }
 
     /// The primary is gone (or broke the protocol). Before the guest ran
