@@ -606,22 +606,7 @@ fn free_port() -> std::io::Result<u16> {
 
 /// Fills `buf` from the kernel's random source.
 fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        let rest = &mut buf[filled..];
-        // SAFETY: getrandom writes at most `rest.len()` bytes into the
-        // valid, writable buffer `rest`.
-        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        filled += n.unsigned_abs();
-    }
-    Ok(())
+    getrandom::fill(buf).map_err(std::io::Error::from)
 }
 
 /// The last lines of the file at `path` (at most [`TAIL_LINES`], from its

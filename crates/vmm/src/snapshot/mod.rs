@@ -106,21 +106,7 @@ impl VmId {
     /// A new random identity (from the kernel's random source).
     pub fn random() -> std::io::Result<VmId> {
         let mut id = [0u8; 16];
-        let mut filled = 0;
-        while filled < id.len() {
-            let rest = &mut id[filled..];
-            // SAFETY: getrandom writes at most `rest.len()` bytes into the
-            // valid, writable buffer `rest`.
-            let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            filled += n as usize;
-        }
+        getrandom::fill(&mut id).map_err(std::io::Error::from)?;
         Ok(VmId(id))
     }
 }
