@@ -815,9 +815,9 @@ impl Coordinator<'_, '_> {
                 .map_err(vm_err("give the network devices their back end"))?;
         }
         vm.attach_backends().map_err(vm_err("open the disks"))?;
+        // Dirty tracking was reset after loading: from here on it sees the
+        // guest's own writes, the first ones included.
         vm.resume().map_err(vm_err("start the VM"))?;
-        // Tracking starts clean: the guest's own writes from here on.
-        vm.take_dirty().map_err(vm_err("reset the dirty log"))?;
         Ok(())
     }
 
