@@ -60,3 +60,27 @@ pub fn write_docs_section(name: &str, body: &str) {
         _ => eprintln!("markers for {name} not found in {path}; report not written"),
     }
 }
+
+/// Today's date in UTC, `YYYY-MM-DD`.
+pub fn date_utc() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    // Days to civil date (proleptic Gregorian), after Howard Hinnant's
+    // `civil_from_days`.
+    let z = (secs / 86_400) as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}")
+}
+
+/// The path of `file` in the repository's `docs/` directory.
+pub fn docs_path(file: &str) -> std::path::PathBuf {
+    std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs")).join(file)
+}
