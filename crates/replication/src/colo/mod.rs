@@ -69,7 +69,8 @@ pub struct Params {
     /// Time between two checkpoints.
     pub interval: Duration,
     /// Time between two background rounds of page streaming; `None` picks
-    /// a fifth of the interval, at least 5 ms.
+    /// a fifth of the interval, between 5 and 20 ms. (Every checkpoint
+    /// also follows a round of its own.)
     pub round_interval: Option<Duration>,
     /// TCP connections pages travel on (1 to [`MAX_CHANNELS`]).
     pub channels: u16,
@@ -134,8 +135,9 @@ impl Params {
 
     /// The background round interval in effect.
     pub fn round_interval(&self) -> Duration {
-        self.round_interval
-            .unwrap_or_else(|| (self.interval / 5).max(Duration::from_millis(5)))
+        self.round_interval.unwrap_or_else(|| {
+            (self.interval / 5).clamp(Duration::from_millis(5), Duration::from_millis(20))
+        })
     }
 }
 
@@ -849,10 +851,14 @@ mod tests {
         };
         assert!(p.check().is_err());
         let p = Params {
-            interval: Duration::from_millis(100),
+            interval: Duration::from_millis(50),
             ..Params::default()
         };
-        assert_eq!(p.round_interval(), Duration::from_millis(20));
+        assert_eq!(p.round_interval(), Duration::from_millis(10));
+        assert_eq!(
+            Params::default().round_interval(),
+            Duration::from_millis(20)
+        );
     }
 
     #[test]

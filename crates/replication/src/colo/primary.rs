@@ -281,7 +281,7 @@ impl<'a> Session<'a> {
                 return Ok(());
             }
             if let Some(req) = self.handle.next_request() {
-                let r = self.checkpoint(req.trigger);
+                let r = self.last_round_then_checkpoint(req.trigger);
                 req.finish(
                     r.as_ref()
                         .map(Clone::clone)
@@ -293,7 +293,7 @@ impl<'a> Session<'a> {
             }
             let now = Instant::now();
             if now >= next_checkpoint {
-                self.checkpoint(Trigger::Interval)?;
+                self.last_round_then_checkpoint(Trigger::Interval)?;
                 next_checkpoint = Instant::now() + interval;
                 next_round = Instant::now() + round_interval;
                 continue;
@@ -308,6 +308,18 @@ impl<'a> Session<'a> {
             }
             self.handle.sleep_until(next_checkpoint.min(next_round));
         }
+    }
+
+    /// A checkpoint right after one more background round: the pause then
+    /// carries only what was dirtied while that round was on the wire,
+    /// however long ago the previous round was.
+    fn last_round_then_checkpoint(&mut self, trigger: Trigger) -> Result<CheckpointInfo, Error> {
+        let trigger = if self.background_round()? {
+            trigger
+        } else {
+            Trigger::StagingFull
+        };
+        self.checkpoint(trigger)
     }
 
     /// Sends what the guest dirtied since the last round and what the
