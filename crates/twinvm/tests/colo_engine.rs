@@ -96,10 +96,13 @@ fn secondary_follows_the_primary_with_equal_digests() {
     eprintln!("primary: {ps:#?}\nsecondary: {ss:#?}");
     ph.stop();
     pt.join().unwrap();
-    // The primary said goodbye: the secondary goes on by itself.
-    wait_state(&sh, State::PrimaryLost, Duration::from_secs(30));
+    // The primary ended in order: the secondary's VM ends with it.
+    wait_state(&sh, State::Stopped, Duration::from_secs(30));
     st.join().unwrap().expect("secondary");
-    let later = s_lines.wait_counter();
-    assert!(later > s_first);
+    assert_eq!(
+        secondary.wait().expect("secondary VM"),
+        vmm::VmExit::PowerOff
+    );
+    assert!(s_lines.drain().iter().all(|l| l != common::BANNER));
     drop(p_lines);
 }
