@@ -182,8 +182,8 @@ impl Machine {
                     }
                 }
                 // Timers, and frames held back while the transmit queue was
-                // full (a completion interrupt frees it).
-                if ticked || interrupted {
+                // full (a completion frees it).
+                if ticked || interrupted || net.dev.tx_unblocked() {
                     stack.poll_timers(now, &mut net.dev);
                     net.dev.flush();
                 }

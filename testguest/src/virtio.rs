@@ -188,6 +188,9 @@ pub const DEVICE_BLOCK: u32 = 2;
 pub mod feature {
     /// Virtio 1.x (required: legacy devices are not driven).
     pub const VERSION_1: u64 = 1 << 32;
+    /// `used_event` and `avail_event`: each side says up to which ring
+    /// entry it needs no interrupt (driver) or notification (device).
+    pub const RING_EVENT_IDX: u64 = 1 << 29;
     /// Net: the device has a MAC address in its config space.
     pub const NET_MAC: u64 = 1 << 5;
     /// Block: maximum segments per request in config space.
@@ -215,6 +218,18 @@ pub fn negotiate(offered: u64, required: u64, optional: u64) -> Option<u64> {
 /// Descriptor flags.
 pub const DESC_F_NEXT: u16 = 1;
 pub const DESC_F_WRITE: u16 = 2;
+
+/// Used ring flag (without [`feature::RING_EVENT_IDX`]): the device needs
+/// no notification now.
+pub const USED_F_NO_NOTIFY: u16 = 1;
+
+/// Whether moving a free-running ring index from `old` to `new` passes
+/// `event`, the entry after which the other side asked to hear (virtio
+/// 1.x, `vring_need_event`): `event` is one of `old .. new`, all indices
+/// wrapping at 2^16.
+pub fn need_event(event: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+}
 
 /// Largest queue the guest sets up (its rings fit in one page).
 pub const MAX_QUEUE_SIZE: u16 = 128;
@@ -270,6 +285,18 @@ impl QueueLayout {
     /// Offset of used ring entry `idx` (a free-running index).
     pub fn used_entry(&self, idx: u16) -> usize {
         self.used + 4 + 8 * usize::from(idx & (self.size - 1))
+    }
+
+    /// Offset of `used_event`, after the available ring's entries: the
+    /// driver's "interrupt me once this entry is used".
+    pub fn used_event(&self) -> usize {
+        self.avail + 4 + 2 * usize::from(self.size)
+    }
+
+    /// Offset of `avail_event`, after the used ring's entries: the
+    /// device's "notify me once this entry is available".
+    pub fn avail_event(&self) -> usize {
+        self.used + 4 + 8 * usize::from(self.size)
     }
 }
 
@@ -401,6 +428,32 @@ mod tests {
         assert_eq!(l.avail_entry(u16::MAX), l.avail + 4 + 14);
         assert_eq!(l.used_entry(8), l.used + 4);
         assert_eq!(l.used_entry(15), l.used + 4 + 56);
+        // The event fields close each ring, inside the queue's memory.
+        let l = QueueLayout::new(64);
+        assert_eq!(l.used_event(), 1024 + 4 + 128);
+        assert_eq!(l.avail_event(), 1160 + 4 + 512);
+        assert_eq!(l.avail_event() + 2, l.bytes);
+        assert!(l.used_event() + 2 <= l.used);
+    }
+
+    #[test]
+    fn event_indices() {
+        // The device asked to hear of entry 5: publishing 5 (old 5, new 6)
+        // passes it, publishing 6 afterwards (old 6, new 7) does not.
+        assert!(need_event(5, 6, 5));
+        assert!(!need_event(5, 7, 6));
+        // Several entries at once, the event among them or not.
+        assert!(need_event(5, 9, 3));
+        assert!(!need_event(9, 9, 3));
+        assert!(!need_event(2, 9, 3));
+        // Nothing published: never.
+        assert!(!need_event(5, 5, 5));
+        // Across the wrap of the 16-bit indices.
+        assert!(need_event(u16::MAX, 1, 65534));
+        assert!(need_event(0, 2, u16::MAX));
+        assert!(!need_event(3, 2, u16::MAX));
+        // An event left far behind (the device does not want to hear).
+        assert!(!need_event(0, 70, 69));
     }
 
     #[test]

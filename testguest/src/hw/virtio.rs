@@ -7,13 +7,26 @@
 //! abstraction), and every instruction counts under the instruction
 //! emulator, so the rings are driven directly with volatile accesses.
 //!
+//! Notification suppression: the network driver negotiates
+//! VIRTIO_RING_F_EVENT_IDX when the device offers it. It then notifies a
+//! queue only when the device's `avail_event` asks for the entries just
+//! published (twinvm asks for transmit entries whenever it has drained the
+//! queue, for receive buffers only while it holds a frame without one),
+//! and it asks for interrupts with `used_event`: every received frame
+//! while it would halt, transmit completions only while all its transmit
+//! buffers are in use. Without the feature it honours the device's
+//! `VRING_USED_F_NO_NOTIFY` and takes every interrupt. The disk driver
+//! always notifies and takes every interrupt.
+//!
 //! Memory ordering: the guest has one vCPU and x86 keeps stores in order,
-//! so compiler fences around the ring index updates suffice. The driver
-//! always notifies (it ignores the device's notification suppression) and
-//! never suppresses interrupts, so no store-to-load ordering is needed.
+//! so compiler fences around the ring index updates suffice for what the
+//! device reads. Suppression needs store-to-load order as well — the
+//! driver writes an index, then reads the device's event index (and the
+//! device does the opposite) — which x86 only gives with a full fence:
+//! [`full_fence`].
 
 use core::ptr::{read_volatile, write_volatile};
-use core::sync::atomic::{Ordering, compiler_fence};
+use core::sync::atomic::{AtomicU32, Ordering, compiler_fence};
 
 use smoltcp::phy::{self, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
@@ -21,8 +34,17 @@ use testguest::disk::SECTOR_SIZE;
 use testguest::diskbench::{self, BenchOp, DEPTH as BENCH_DEPTH, REQUEST_BYTES};
 use testguest::virtio::{
     DESC_F_NEXT, DESC_F_WRITE, INTERRUPT_CONFIG_CHANGE, INTERRUPT_USED_BUFFER, MAGIC, MmioDevice,
-    QueueLayout, VERSION, feature, negotiate, queue_size, reg, status,
+    QueueLayout, USED_F_NO_NOTIFY, VERSION, feature, need_event, negotiate, queue_size, reg,
+    status,
 };
+
+/// A full memory barrier: stores before it are visible to the device
+/// before loads after it are made. A locked exchange rather than `mfence`,
+/// which the instruction emulator does not run.
+fn full_fence() {
+    static FENCE: AtomicU32 = AtomicU32::new(0);
+    FENCE.swap(0, Ordering::SeqCst);
+}
 
 /// Page size; queues and request areas take whole pages.
 pub const PAGE: u64 = 4096;
@@ -182,8 +204,13 @@ pub struct Queue {
     layout: QueueLayout,
     /// Next free-running available index to publish.
     avail_idx: u16,
+    /// The available index when the driver last decided whether to
+    /// notify.
+    kicked_idx: u16,
     /// Used entries consumed so far (free-running).
     last_used: u16,
+    /// VIRTIO_RING_F_EVENT_IDX was negotiated.
+    event_idx: bool,
 }
 
 impl Queue {
@@ -232,7 +259,9 @@ impl Queue {
             base,
             layout,
             avail_idx: 0,
+            kicked_idx: 0,
             last_used: 0,
+            event_idx: false,
         })
     }
 
@@ -277,15 +306,50 @@ impl Queue {
         self.mmio.write(reg::QUEUE_NOTIFY, self.index);
     }
 
+    /// Tells the device about the entries published since the last call,
+    /// unless it said it does not need to hear of them (its `avail_event`
+    /// with VIRTIO_RING_F_EVENT_IDX, else `VRING_USED_F_NO_NOTIFY`).
+    pub fn kick(&mut self) {
+        let (old, new) = (self.kicked_idx, self.avail_idx);
+        self.kicked_idx = new;
+        // The published index must reach the device before its answer is
+        // read: a device that finished just now reads the new index or
+        // wrote an event this read sees.
+        full_fence();
+        let wanted = if self.event_idx {
+            need_event(self.read_u16(self.layout.avail_event()), new, old)
+        } else {
+            self.read_u16(self.layout.used) & USED_F_NO_NOTIFY == 0
+        };
+        if wanted {
+            self.notify();
+        }
+    }
+
+    /// Asks for an interrupt once the device has used entry `idx` (a
+    /// free-running index; with VIRTIO_RING_F_EVENT_IDX only). The caller
+    /// fences before it looks at the used ring again.
+    fn set_used_event(&mut self, idx: u16) {
+        let at = self.base + self.layout.used_event() as u64;
+        // SAFETY: used_event of this queue, written only by the driver.
+        unsafe { write_volatile(at as *mut u16, idx) };
+    }
+
+    /// A u16 of the queue's memory at `offset` (an index or flags the
+    /// device writes).
+    fn read_u16(&self, offset: usize) -> u16 {
+        let at = self.base + offset as u64;
+        // SAFETY: inside this queue's memory (offsets from its layout).
+        unsafe { read_volatile(at as *const u16) }
+    }
+
     /// Whether the device has returned buffers not yet taken.
     pub fn has_used(&self) -> bool {
         self.used_idx() != self.last_used
     }
 
     fn used_idx(&self) -> u16 {
-        let at = self.base + self.layout.used as u64 + 2;
-        // SAFETY: used.idx of this queue, written by the device.
-        unsafe { read_volatile(at as *const u16) }
+        self.read_u16(self.layout.used + 2)
     }
 
     /// The next buffer the device returned: (descriptor head, bytes
@@ -339,6 +403,9 @@ pub struct NetTxSide {
     nfree: usize,
     kick: bool,
     frames: u64,
+    /// The stack wanted to send while every buffer was in use: it holds
+    /// frames back until one is free.
+    starved: bool,
 }
 
 impl NetTxSide {
@@ -362,14 +429,28 @@ pub struct VirtioNet {
     mac: [u8; 6],
     rx: NetRxSide,
     tx: NetTxSide,
+    /// VIRTIO_RING_F_EVENT_IDX was negotiated.
+    event_idx: bool,
 }
+
+/// With VIRTIO_RING_F_EVENT_IDX, how far ahead of the transmit queue's
+/// consumed entries `used_event` is put while no transmit completion is
+/// awaited: half the index space, which the device does not reach before
+/// the driver moves it again (each time it is about to halt).
+const NO_EVENT_DISTANCE: u16 = 0x8000;
 
 impl VirtioNet {
     /// Initializes the device at `mmio` (already probed, device ID 1).
     pub fn new(mmio: Mmio, mem: &mut DeviceMemory) -> Result<Self, &'static str> {
-        mmio.negotiate(feature::VERSION_1 | feature::NET_MAC, 0)?;
-        let rx_queue = Queue::new(mmio, 0, NET_QUEUE, mem)?;
-        let tx_queue = Queue::new(mmio, 1, NET_QUEUE, mem)?;
+        let features = mmio.negotiate(
+            feature::VERSION_1 | feature::NET_MAC,
+            feature::RING_EVENT_IDX,
+        )?;
+        let event_idx = features & feature::RING_EVENT_IDX != 0;
+        let mut rx_queue = Queue::new(mmio, 0, NET_QUEUE, mem)?;
+        let mut tx_queue = Queue::new(mmio, 1, NET_QUEUE, mem)?;
+        rx_queue.event_idx = event_idx;
+        tx_queue.event_idx = event_idx;
         let rx_buffers = mem
             .alloc(u64::from(rx_queue.size()) * NET_BUFFER as u64)
             .ok_or("out of device memory")?;
@@ -400,6 +481,7 @@ impl VirtioNet {
             nfree: 0,
             kick: false,
             frames: 0,
+            starved: false,
         };
         for i in (0..tx.queue.size()).rev() {
             tx.free[tx.nfree] = i;
@@ -407,7 +489,14 @@ impl VirtioNet {
         }
         mmio.driver_ok();
         rx.queue.notify();
-        Ok(Self { mmio, mac, rx, tx })
+        rx.queue.kicked_idx = rx.queue.avail_idx;
+        Ok(Self {
+            mmio,
+            mac,
+            rx,
+            tx,
+            event_idx,
+        })
     }
 
     pub fn mac(&self) -> [u8; 6] {
@@ -423,22 +512,62 @@ impl VirtioNet {
         self.mmio.ack_interrupt()
     }
 
-    /// Whether a received frame waits and could be processed now (a
-    /// transmit buffer is free for a reply).
+    /// Whether there is work now: a received frame that could be
+    /// processed (a transmit buffer is free for a reply), or frames the
+    /// stack held back that a freed transmit buffer can take. Called
+    /// before halting; with VIRTIO_RING_F_EVENT_IDX it first asks for the
+    /// interrupts the guest needs while it halts: for the next received
+    /// frame, and for the next transmit completion if all transmit
+    /// buffers are in use (no others).
     pub fn can_receive(&mut self) -> bool {
         self.tx.reclaim();
+        if self.event_idx {
+            let rx_event = self.rx.queue.last_used;
+            self.rx.queue.set_used_event(rx_event);
+            let tx_used = self.tx.queue.last_used;
+            let tx_event = if self.tx.nfree == 0 {
+                tx_used
+            } else {
+                tx_used.wrapping_add(NO_EVENT_DISTANCE)
+            };
+            self.tx.queue.set_used_event(tx_event);
+            // The events must reach the device before the rings are read
+            // again: what it used before them is seen below, what it uses
+            // after them interrupts.
+            full_fence();
+            self.tx.reclaim();
+        }
+        if self.tx.starved && self.tx.nfree > 0 {
+            return true;
+        }
         self.tx.nfree > 0 && self.rx.queue.has_used()
     }
 
-    /// Notifies the device of buffers given back or frames queued.
+    /// Whether the stack held frames back for want of a transmit buffer
+    /// and one is free now (it should be polled to send them). Clears
+    /// the condition.
+    pub fn tx_unblocked(&mut self) -> bool {
+        if !self.tx.starved {
+            return false;
+        }
+        self.tx.reclaim();
+        if self.tx.nfree == 0 {
+            return false;
+        }
+        self.tx.starved = false;
+        true
+    }
+
+    /// Notifies the device of buffers given back or frames queued (as far
+    /// as it asked to hear of them).
     pub fn flush(&mut self) {
         if self.rx.kick {
             self.rx.kick = false;
-            self.rx.queue.notify();
+            self.rx.queue.kick();
         }
         if self.tx.kick {
             self.tx.kick = false;
-            self.tx.queue.notify();
+            self.tx.queue.kick();
         }
     }
 }
@@ -518,6 +647,7 @@ impl phy::Device for VirtioNet {
     fn transmit(&mut self, _: Instant) -> Option<NetTx<'_>> {
         self.tx.reclaim();
         if self.tx.nfree == 0 {
+            self.tx.starved = true;
             return None;
         }
         Some(NetTx { tx: &mut self.tx })

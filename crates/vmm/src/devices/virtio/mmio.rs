@@ -18,8 +18,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::queue::QueueState;
 use super::{
-    ActivateError, Activation, Backend, Error, F_VERSION_1, Interrupt, StateError, VirtioDevice,
-    VirtioState, WarnLimit, read_config,
+    ActivateError, Activation, Backend, Error, F_EVENT_IDX, F_VERSION_1, Interrupt, StateError,
+    VirtioDevice, VirtioState, WarnLimit, read_config,
 };
 use crate::devices::BusDevice;
 use crate::memory::GuestMemoryMmap;
@@ -42,12 +42,21 @@ const DRIVER_OK: u32 = VIRTIO_CONFIG_S_DRIVER_OK;
 const FAILED: u32 = VIRTIO_CONFIG_S_FAILED;
 const NEEDS_RESET: u32 = VIRTIO_CONFIG_S_NEEDS_RESET;
 
+/// Features twinvm's devices came to offer after their state was first
+/// saved. A saved state without them still loads: the device then goes on
+/// offering what the saved one did, so that the driver sees no change.
+const LATER_FEATURES: u64 = F_EVENT_IDX;
+
 /// A virtio device on the MMIO bus.
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
     mem: GuestMemoryMmap,
     interrupt: Interrupt,
     queue_evts: Vec<EventFd>,
+    /// The features offered to the driver: the device's, or those of a
+    /// loaded state saved by a twinvm that offered fewer
+    /// ([`LATER_FEATURES`]).
+    offered: u64,
     /// The queues while the device is not running (while it runs, its
     /// worker owns them).
     queues: Vec<QueueState>,
@@ -88,6 +97,7 @@ impl MmioTransport {
             .map(|&max| QueueState::new(max))
             .collect();
         Ok(MmioTransport {
+            offered: device.avail_features(),
             device,
             mem,
             interrupt: Interrupt::new(irq),
@@ -132,7 +142,7 @@ impl MmioTransport {
     pub fn state(&self) -> VirtioState {
         VirtioState {
             device_type: self.device.device_type(),
-            avail_features: self.device.avail_features(),
+            avail_features: self.offered,
             acked_features: self.acked_features,
             device_features_sel: self.device_features_sel,
             driver_features_sel: self.driver_features_sel,
@@ -169,7 +179,9 @@ impl MmioTransport {
             )));
         }
         let avail = self.device.avail_features();
-        if state.avail_features != avail {
+        let fewer = state.avail_features & !avail == 0
+            && (state.avail_features ^ avail) & !LATER_FEATURES == 0;
+        if !fewer {
             return Err(fail(format!(
                 "the saved device offered features {:#x}, this one offers {avail:#x} (is one of them a read-only disk?)",
                 state.avail_features
@@ -183,10 +195,10 @@ impl MmioTransport {
                 hex(&config)
             )));
         }
-        if state.acked_features & !avail != 0 {
+        if state.acked_features & !state.avail_features != 0 {
             return Err(fail(format!(
-                "the saved driver features {:#x} include some the device does not offer ({avail:#x})",
-                state.acked_features
+                "the saved driver features {:#x} include some the device does not offer ({:#x})",
+                state.acked_features, state.avail_features
             )));
         }
         let known = ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK | FAILED | NEEDS_RESET;
@@ -243,6 +255,7 @@ impl MmioTransport {
         self.stop_worker();
         self.device.reset();
         self.device.load_device_state(&state.device);
+        self.offered = state.avail_features;
         self.queues.clone_from(&state.queues);
         self.device_features_sel = state.device_features_sel;
         self.driver_features_sel = state.driver_features_sel;
@@ -419,7 +432,7 @@ impl MmioTransport {
                 "{}: refusing driver features {:#x} (device offers {:#x}, VERSION_1 required)",
                 self.device.name(),
                 self.acked_features,
-                self.device.avail_features()
+                self.offered
             );
             value &= !FEATURES_OK;
             if value & DRIVER_OK != 0 {
@@ -433,8 +446,7 @@ impl MmioTransport {
     }
 
     fn features_acceptable(&self) -> bool {
-        let avail = self.device.avail_features();
-        self.acked_features & !avail == 0 && self.acked_features & F_VERSION_1 != 0
+        self.acked_features & !self.offered == 0 && self.acked_features & F_VERSION_1 != 0
     }
 
     /// Starts the device's worker with the queues, or flags NEEDS_RESET.
@@ -462,7 +474,8 @@ impl MmioTransport {
             if !state.ready {
                 return Err(invalid("not ready".into()));
             }
-            let queue = state.to_queue().map_err(|e| invalid(e.to_string()))?;
+            let mut queue = state.to_queue().map_err(|e| invalid(e.to_string()))?;
+            queue.set_event_idx(self.acked_features & F_EVENT_IDX != 0);
             if !queue.is_valid(&self.mem) {
                 return Err(invalid(format!(
                     "its rings (descriptors {:#x}, driver {:#x}, device {:#x}, size {}) are not in guest memory",
@@ -499,8 +512,8 @@ impl MmioTransport {
             VIRTIO_MMIO_DEVICE_ID => self.device.device_type(),
             VIRTIO_MMIO_VENDOR_ID => VENDOR_ID,
             VIRTIO_MMIO_DEVICE_FEATURES => match self.device_features_sel {
-                0 => self.device.avail_features() as u32,
-                1 => (self.device.avail_features() >> 32) as u32,
+                0 => self.offered as u32,
+                1 => (self.offered >> 32) as u32,
                 _ => 0,
             },
             VIRTIO_MMIO_QUEUE_NUM_MAX => queue.map_or(0, |q| u32::from(q.max_size)),

@@ -65,6 +65,10 @@ pub const TYPE_BLOCK: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 /// Feature bit every twinvm device offers and requires: a virtio 1.x
 /// ("modern") driver.
 pub const F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+/// Feature bit VIRTIO_RING_F_EVENT_IDX: the driver and the device tell each
+/// other, through `used_event` and `avail_event` at the ends of the rings,
+/// up to which entry they need no interrupt or notification.
+pub const F_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
 /// Interrupt status bit: a queue has new used buffers.
 pub const INT_VRING: u32 = VIRTIO_MMIO_INT_VRING;
@@ -813,6 +817,120 @@ mod tests {
         };
         let err = b.load_state(&bad).unwrap_err().to_string();
         assert!(err.contains("pending frame has 65555 bytes"), "{err}");
+    }
+
+    #[test]
+    fn with_event_idx_the_worker_interrupts_only_when_the_driver_waits() {
+        use crate::devices::BusDevice;
+        use net::tests::MockBackend;
+        use std::sync::atomic::Ordering;
+        use testutil::{F_WRITE, TestQueue, driver_start, test_memory, wait_for};
+        use vm_memory::{Bytes, GuestAddress};
+
+        let mem = test_memory();
+        let backend = MockBackend::new();
+        let dev = Net::new(
+            "net0".into(),
+            net::default_mac(0),
+            Box::new(backend.clone()),
+        );
+        let mut t = MmioTransport::new(Box::new(dev), mem.clone()).unwrap();
+        let rxq = TestQueue::at(&mem, 256, 0x10000);
+        let txq = TestQueue::at(&mem, 256, 0x20000);
+        // The driver waits for no transmit completion, and for the first
+        // received frame.
+        txq.set_used_event(0x8000);
+        rxq.set_used_event(0);
+        let features = F_VERSION_1 | F_EVENT_IDX | 1 << 5 | 1 << 16;
+        driver_start(&mut t, features, &[(256, 0x10000), (256, 0x20000)]);
+        assert!(t.is_running());
+
+        mem.write_slice(&[0u8; 16], GuestAddress(0x100000)).unwrap();
+        txq.set_desc(0, 0x100000, 16, 0, 0);
+        txq.push_avail(0);
+        t.write(mmio::NOTIFY_OFFSET, &1u32.to_le_bytes());
+        assert!(wait_for(|| txq.used_idx() == 1 && txq.avail_event() == 1));
+        assert_eq!(backend.sent.lock().unwrap().len(), 1);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(t.irqfd().read().is_err(), "no transmit interrupt");
+
+        // One buffer, two frames: the first interrupts, the second waits
+        // for a buffer without the worker polling the back end meanwhile.
+        rxq.set_desc(0, 0x200000, 1526, F_WRITE, 0);
+        rxq.push_avail(0);
+        backend.inject(b"first");
+        backend.inject(b"second");
+        assert!(wait_for(|| rxq.used_idx() == 1));
+        assert!(wait_for(|| t.irqfd().read().is_ok()));
+        assert!(wait_for(|| rxq.avail_event() == 1));
+        let recvs = backend.recvs.load(Ordering::SeqCst);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(backend.recvs.load(Ordering::SeqCst), recvs);
+        assert!(
+            t.irqfd().read().is_err(),
+            "no interrupt but the first frame's"
+        );
+
+        // The buffer comes with a notification, as avail_event asked.
+        rxq.set_desc(1, 0x201000, 1526, F_WRITE, 0);
+        rxq.push_avail(1);
+        rxq.set_used_event(1);
+        t.write(mmio::NOTIFY_OFFSET, &0u32.to_le_bytes());
+        assert!(wait_for(|| rxq.used_idx() == 2));
+        assert!(wait_for(|| t.irqfd().read().is_ok()));
+        t.shutdown();
+    }
+
+    #[test]
+    fn a_state_saved_before_event_idx_was_offered_loads_and_keeps_its_features() {
+        use crate::devices::BusDevice;
+        use net::tests::MockBackend;
+        use testutil::{TestQueue, driver_start, test_memory};
+
+        let mem = test_memory();
+        let new_net = || {
+            MmioTransport::new(
+                Box::new(Net::new(
+                    "net0".into(),
+                    net::default_mac(0),
+                    Box::new(MockBackend::new()),
+                )),
+                mem.clone(),
+            )
+            .unwrap()
+        };
+        let _rxq = TestQueue::at(&mem, 256, 0x10000);
+        let _txq = TestQueue::at(&mem, 256, 0x20000);
+        let mut a = new_net();
+        let features = F_VERSION_1 | 1 << 5 | 1 << 16;
+        driver_start(&mut a, features, &[(256, 0x10000), (256, 0x20000)]);
+        a.pause();
+        // As an earlier twinvm saved it: EVENT_IDX not offered.
+        let mut old = a.state();
+        assert_ne!(old.avail_features & F_EVENT_IDX, 0);
+        old.avail_features &= !F_EVENT_IDX;
+
+        let mut b = new_net();
+        b.load_state(&old).unwrap();
+        assert_eq!(b.state(), old);
+        let mut word = [0u8; 4];
+        b.write(0x14, &0u32.to_le_bytes());
+        b.read(0x10, &mut word);
+        assert_eq!(u32::from_le_bytes(word) & (1 << 29), 0, "still not offered");
+        b.resume();
+        assert!(b.is_running());
+        b.shutdown();
+
+        // Other differences in the offered features are still refused, and
+        // so is a driver that accepted a feature the saved device did not
+        // offer.
+        let mut other = old.clone();
+        other.avail_features &= !(1 << 16);
+        assert!(new_net().load_state(&other).is_err());
+        let mut greedy = old.clone();
+        greedy.acked_features |= F_EVENT_IDX;
+        let err = new_net().load_state(&greedy).unwrap_err().to_string();
+        assert!(err.contains("does not offer"), "{err}");
     }
 
     #[test]

@@ -18,8 +18,8 @@ use vm_memory::GuestAddress;
 use super::queue::{self, Chain};
 use super::worker::{QueueHandler, Worker};
 use super::{
-    ActivateError, Activation, Backend, DeviceSpecific, F_VERSION_1, TYPE_NET, VirtioDevice,
-    WarnLimit,
+    ActivateError, Activation, Backend, DeviceSpecific, F_EVENT_IDX, F_VERSION_1, TYPE_NET,
+    VirtioDevice, WarnLimit,
 };
 use crate::NetConfig;
 use crate::memory::GuestMemoryMmap;
@@ -149,7 +149,7 @@ impl VirtioDevice for Net {
     }
 
     fn avail_features(&self) -> u64 {
-        F_VERSION_1 | 1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_STATUS
+        F_VERSION_1 | F_EVENT_IDX | 1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_STATUS
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
@@ -293,6 +293,13 @@ pub(crate) struct NetHandler {
     /// Receive buffer; a frame waiting for a guest buffer stays in it.
     frame: Vec<u8>,
     pending: Option<usize>,
+    /// The driver was asked to notify the receive queue: the device holds
+    /// a frame and has no buffer for it. Otherwise receive-queue
+    /// notifications are off (new buffers are found when a frame comes).
+    rx_notify: bool,
+    /// The back end returned an error: its fd is not watched again until
+    /// the worker restarts (a tap that was deleted stays readable).
+    backend_failed: bool,
     tx_buf: Vec<u8>,
     warn: WarnLimit,
     /// Chains the guest built wrongly, so far.
@@ -317,6 +324,8 @@ impl NetHandler {
             backend,
             frame: vec![0; MAX_FRAME_LEN],
             pending: None,
+            rx_notify: false,
+            backend_failed: false,
             tx_buf: Vec::with_capacity(MAX_FRAME_LEN),
             warn: WarnLimit::new(),
             malformed: 0,
@@ -328,18 +337,36 @@ impl NetHandler {
         self.warn.warn(&self.name, msg);
     }
 
-    /// Sends every frame the guest queued for transmission. Returns whether
-    /// the guest must be interrupted.
+    /// Sends every frame the guest queued for transmission, looking at the
+    /// queue once more after asking for the next notification (so that a
+    /// frame queued meanwhile needs no wakeup). Returns whether the guest
+    /// must be interrupted.
     pub(crate) fn process_tx(&mut self) -> bool {
         let mut used = false;
+        // No notifications while the queue is drained (without
+        // VIRTIO_F_EVENT_IDX; with it, `avail_event` stays behind).
+        let _ = self.tx.disable_notification(&self.mem);
+        loop {
+            let drained = self.drain_tx(&mut used);
+            match self.tx.enable_notification(&self.mem) {
+                Ok(true) if drained => continue,
+                _ => break,
+            }
+        }
+        used && queue::needs_interrupt(&mut self.tx, &self.mem)
+    }
+
+    /// Sends the frames available now. Returns false if the available ring
+    /// is corrupt (processing stops until the next notification).
+    fn drain_tx(&mut self, used: &mut bool) -> bool {
         loop {
             let head = match queue::pop_head(&mut self.tx, &self.mem) {
                 Ok(Some(head)) => head,
-                Ok(None) => break,
+                Ok(None) => return true,
                 Err(e) => {
                     self.malformed += 1;
                     self.warn(format_args!("transmit queue: {e}"));
-                    break;
+                    return false;
                 }
             };
             self.transmit(head);
@@ -348,9 +375,8 @@ impl NetHandler {
                     "transmit queue: cannot return buffer {head}: {e}"
                 ));
             }
-            used = true;
+            *used = true;
         }
-        used && self.tx.needs_notification(&self.mem).unwrap_or(true)
     }
 
     /// Sends the frame in the chain at `head`, or drops it with a warning.
@@ -401,36 +427,93 @@ impl NetHandler {
         }
     }
 
+    /// Takes one frame from the back end (called when its fd is readable)
+    /// and delivers it. Returns whether the guest must be interrupted.
+    pub(crate) fn receive(&mut self) -> bool {
+        let mut used = false;
+        if self.pending.is_some() {
+            return self.deliver_pending();
+        }
+        self.receive_frame(&mut used);
+        used && queue::needs_interrupt(&mut self.rx, &self.mem)
+    }
+
+    /// Takes one frame from the back end into the next receive buffer (or
+    /// holds it). Returns whether there was one.
+    fn receive_frame(&mut self, used: &mut bool) -> bool {
+        let len = loop {
+            match self.backend.recv(&mut self.frame) {
+                // Nothing to give after all.
+                Ok(0) => return false,
+                Ok(len) => break len.min(MAX_FRAME_LEN),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.backend_failed = true;
+                    self.warn(format_args!(
+                        "cannot receive from the back end, no more frames for the guest until the device restarts: {e}"
+                    ));
+                    return false;
+                }
+            }
+        };
+        self.place(len, used);
+        true
+    }
+
+    /// Delivers the frame the device holds, if any (the guest gave receive
+    /// buffers). Returns whether the guest must be interrupted.
+    pub(crate) fn deliver_pending(&mut self) -> bool {
+        let Some(len) = self.pending else {
+            return false;
+        };
+        let mut used = false;
+        self.place(len, &mut used);
+        used && queue::needs_interrupt(&mut self.rx, &self.mem)
+    }
+
     /// Moves frames from the back end into the guest's receive buffers
-    /// until either runs out. Returns whether the guest must be
-    /// interrupted.
+    /// until either runs out, as the worker does over several wakeups.
+    /// Returns whether the guest must be interrupted.
+    #[cfg(test)]
     pub(crate) fn process_rx(&mut self) -> bool {
         let mut used = false;
+        if let Some(len) = self.pending {
+            self.place(len, &mut used);
+        }
+        while self.pending.is_none() && !self.backend_failed && self.receive_frame(&mut used) {}
+        used && queue::needs_interrupt(&mut self.rx, &self.mem)
+    }
+
+    /// Puts the `len`-byte frame in `self.frame` into the next receive
+    /// buffer, or holds it (asking the driver for a notification) if there
+    /// is none.
+    fn place(&mut self, len: usize, used: &mut bool) {
         loop {
-            let len = match self.pending {
-                Some(len) => len,
-                None => match self.backend.recv(&mut self.frame) {
-                    // Nothing to give after all.
-                    Ok(0) => break,
-                    Ok(len) => {
-                        let len = len.min(MAX_FRAME_LEN);
-                        self.pending = Some(len);
-                        len
+            match self.deliver(len, used) {
+                Delivery::Delivered | Delivery::Dropped => {
+                    self.pending = None;
+                    if self.rx_notify {
+                        self.rx_notify = false;
+                        let _ = self.rx.disable_notification(&self.mem);
                     }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        self.warn(format_args!("cannot receive from the back end: {e}"));
-                        break;
+                    return;
+                }
+                Delivery::NoBuffer => {
+                    self.pending = Some(len);
+                    if self.rx_notify {
+                        return;
                     }
-                },
-            };
-            match self.deliver(len, &mut used) {
-                Delivery::Delivered | Delivery::Dropped => self.pending = None,
-                Delivery::NoBuffer => break,
+                    self.rx_notify = true;
+                    // Look again after asking: a buffer given meanwhile
+                    // came without a notification.
+                    match self.rx.enable_notification(&self.mem) {
+                        Ok(true) => continue,
+                        _ => return,
+                    }
+                }
             }
         }
-        used && self.rx.needs_notification(&self.mem).unwrap_or(true)
     }
 
     /// Writes the header and the `len`-byte frame into the next receive
@@ -530,22 +613,31 @@ impl QueueHandler for NetHandler {
         Some(self.backend.ready_fd().as_raw_fd())
     }
 
+    fn backend_wanted(&self) -> bool {
+        self.pending.is_none() && !self.backend_failed
+    }
+
     fn queue_notified(&mut self, index: usize) -> bool {
         match index {
-            // New receive buffers: frames waiting may now go in.
-            RX_QUEUE => self.process_rx(),
+            // New receive buffers: a frame waiting may now go in.
+            RX_QUEUE => self.deliver_pending(),
             TX_QUEUE => self.process_tx(),
             _ => false,
         }
     }
 
     fn backend_ready(&mut self) -> bool {
-        self.process_rx()
+        self.receive()
     }
 
     fn process_all(&mut self) -> bool {
+        // Receive-queue notifications stay off until a frame finds no
+        // buffer (without VIRTIO_F_EVENT_IDX they are switched off here;
+        // with it, `avail_event` is simply not moved).
+        self.rx_notify = false;
+        let _ = self.rx.disable_notification(&self.mem);
         let tx = self.process_tx();
-        let rx = self.process_rx();
+        let rx = self.deliver_pending();
         tx || rx
     }
 }
@@ -557,6 +649,7 @@ pub(crate) mod tests {
         F_NEXT, F_WRITE, TestQueue, take_dirty_pages, test_memory,
     };
     use std::collections::VecDeque;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
     use vm_memory::Bytes;
     use vmm_sys_util::eventfd::EventFd;
@@ -567,6 +660,10 @@ pub(crate) mod tests {
         pub(crate) sent: Arc<Mutex<Vec<Vec<u8>>>>,
         pub(crate) inbox: Arc<Mutex<VecDeque<Vec<u8>>>>,
         pub(crate) ready: Arc<EventFd>,
+        /// Calls of `recv`.
+        pub(crate) recvs: Arc<AtomicUsize>,
+        /// `recv` fails (as a deleted tap does).
+        pub(crate) broken: Arc<AtomicBool>,
     }
 
     impl MockBackend {
@@ -575,6 +672,8 @@ pub(crate) mod tests {
                 sent: Arc::default(),
                 inbox: Arc::default(),
                 ready: Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
+                recvs: Arc::default(),
+                broken: Arc::default(),
             }
         }
 
@@ -591,6 +690,10 @@ pub(crate) mod tests {
             Ok(())
         }
         fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.recvs.fetch_add(1, Ordering::SeqCst);
+            if self.broken.load(Ordering::SeqCst) {
+                return Err(std::io::Error::from_raw_os_error(libc::EBADFD));
+            }
             match self.inbox.lock().unwrap().pop_front() {
                 Some(f) => {
                     buf[..f.len()].copy_from_slice(&f);
@@ -721,6 +824,134 @@ pub(crate) mod tests {
         assert_eq!(h.pending, None);
     }
 
+    /// A handler whose queues use VIRTIO_F_EVENT_IDX.
+    fn event_idx_handler<'a>(
+        mem: &'a GuestMemoryMmap,
+        backend: &MockBackend,
+    ) -> (NetHandler, TestQueue<'a>, TestQueue<'a>) {
+        let (mut h, rxq, txq) = handler(mem, backend);
+        h.rx.set_event_idx(true);
+        h.tx.set_event_idx(true);
+        (h, rxq, txq)
+    }
+
+    /// Queues a 20-byte frame (after the header) at descriptor `head`.
+    fn queue_tx(mem: &GuestMemoryMmap, txq: &TestQueue<'_>, head: u16) {
+        let addr = 0x100000 + u64::from(head) * 0x1000;
+        mem.write_slice(&[0u8; HDR_LEN + 20], GuestAddress(addr))
+            .unwrap();
+        txq.set_desc(head, addr, (HDR_LEN + 20) as u32, 0, 0);
+        txq.push_avail(head);
+    }
+
+    #[test]
+    fn event_idx_interrupts_only_at_the_drivers_used_event() {
+        let mem = test_memory();
+        let backend = MockBackend::new();
+        let (mut h, rxq, txq) = event_idx_handler(&mem, &backend);
+        for i in 0..4 {
+            rxq.set_desc(i, 0x200000 + u64::from(i) * 0x1000, 2048, F_WRITE, 0);
+            rxq.push_avail(i);
+        }
+        // The driver waits for entry 0: the first frame interrupts, the
+        // second (the driver is still busy with the first) does not.
+        rxq.set_used_event(0);
+        backend.inject(&frame(60, 1));
+        assert!(h.receive());
+        backend.inject(&frame(60, 2));
+        assert!(!h.receive());
+        // The driver took both and waits again.
+        rxq.set_used_event(2);
+        backend.inject(&frame(60, 3));
+        assert!(h.receive());
+        assert_eq!(rxq.used_idx(), 3);
+
+        // Transmit completions the driver does not wait for: no interrupt;
+        // the device asks to hear of the next entry.
+        txq.set_used_event(0x8000);
+        queue_tx(&mem, &txq, 0);
+        queue_tx(&mem, &txq, 1);
+        assert!(!h.process_tx());
+        assert_eq!(backend.sent.lock().unwrap().len(), 2);
+        assert_eq!(txq.avail_event(), 2);
+        // Waiting for completions (all its buffers in use): it gets one.
+        txq.set_used_event(2);
+        queue_tx(&mem, &txq, 2);
+        assert!(h.process_tx());
+        assert_eq!(txq.avail_event(), 3);
+    }
+
+    #[test]
+    fn receive_notifications_are_asked_for_only_while_a_frame_waits() {
+        // Without EVENT_IDX: the used ring's NO_NOTIFY flag.
+        let mem = test_memory();
+        let backend = MockBackend::new();
+        let (mut h, rxq, _txq) = handler(&mem, &backend);
+        assert!(!h.process_all());
+        assert_eq!(rxq.used_flags(), 1, "no notifications while buffers last");
+        assert!(h.backend_wanted());
+        backend.inject(&frame(64, 1));
+        assert!(!h.receive());
+        assert_eq!(h.pending, Some(64));
+        assert_eq!(rxq.used_flags(), 0, "a frame waits for a buffer");
+        assert!(!h.backend_wanted(), "the back end waits too");
+        rxq.set_desc(0, 0x100000, 2048, F_WRITE, 0);
+        rxq.push_avail(0);
+        assert!(h.queue_notified(RX_QUEUE));
+        assert_eq!(h.pending, None);
+        assert_eq!(rxq.used_flags(), 1);
+        assert!(h.backend_wanted());
+
+        // With EVENT_IDX: avail_event, moved only while a frame waits.
+        let mem = test_memory();
+        let backend = MockBackend::new();
+        let (mut h, rxq, _txq) = event_idx_handler(&mem, &backend);
+        rxq.set_used_event(0);
+        assert!(!h.process_all());
+        rxq.set_desc(0, 0x100000, 2048, F_WRITE, 0);
+        rxq.push_avail(0);
+        backend.inject(&frame(64, 1));
+        assert!(h.receive());
+        assert_eq!(rxq.avail_event(), 0, "not moved while buffers last");
+        backend.inject(&frame(64, 2));
+        assert!(!h.receive());
+        assert_eq!(rxq.avail_event(), 1, "the next buffer is wanted");
+        assert!(!h.backend_wanted());
+        // A buffer given while the device asked is found at once.
+        rxq.set_desc(1, 0x101000, 2048, F_WRITE, 0);
+        rxq.push_avail(1);
+        rxq.set_used_event(1);
+        assert!(h.queue_notified(RX_QUEUE));
+        assert_eq!(rxq.used_idx(), 2);
+        assert!(h.backend_wanted());
+    }
+
+    #[test]
+    fn no_interrupt_flag_is_honoured_without_event_idx() {
+        let mem = test_memory();
+        let backend = MockBackend::new();
+        let (mut h, _rxq, txq) = handler(&mem, &backend);
+        txq.set_avail_flags(1);
+        queue_tx(&mem, &txq, 0);
+        assert!(!h.process_tx());
+        txq.set_avail_flags(0);
+        queue_tx(&mem, &txq, 1);
+        assert!(h.process_tx());
+        assert_eq!(txq.used_idx(), 2);
+    }
+
+    #[test]
+    fn a_failing_back_end_is_no_longer_watched() {
+        let mem = test_memory();
+        let backend = MockBackend::new();
+        let (mut h, _rxq, _txq) = handler(&mem, &backend);
+        assert!(h.backend_wanted());
+        backend.broken.store(true, Ordering::SeqCst);
+        assert!(!h.receive());
+        assert!(!h.backend_wanted());
+        assert_eq!(backend.recvs.load(Ordering::SeqCst), 1);
+    }
+
     #[test]
     fn malformed_tx_chains_are_dropped_and_the_queue_goes_on() {
         let mem = test_memory();
@@ -795,7 +1026,10 @@ pub(crate) mod tests {
     fn config_space_holds_mac_and_link_status() {
         let net = Net::new("n".into(), [2, 3, 4, 5, 6, 7], Box::new(MockBackend::new()));
         assert_eq!(net.config_space(), vec![2, 3, 4, 5, 6, 7, 1, 0, 1, 0]);
-        assert_eq!(net.avail_features(), (1 << 32) | (1 << 5) | (1 << 16));
+        assert_eq!(
+            net.avail_features(),
+            (1 << 32) | (1 << 29) | (1 << 5) | (1 << 16)
+        );
     }
 
     #[test]

@@ -9,9 +9,10 @@
 //! large — is reported as a [`ChainError`]; nothing of it is accessed.
 
 use std::num::Wrapping;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{Ordering, fence};
 
 use serde::{Deserialize, Serialize};
+use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError};
@@ -271,6 +272,25 @@ pub fn pop_head(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<Option<u16>,
     match queue.pop_descriptor_chain(mem) {
         Some(chain) => Ok(Some(chain.head_index())),
         None => Err(PopError::Unreadable),
+    }
+}
+
+/// Whether the driver wants an interrupt for the used entries added to
+/// `queue` since the last call. With VIRTIO_F_EVENT_IDX the driver's
+/// `used_event` says how far the device may go before it interrupts;
+/// without it, `VRING_AVAIL_F_NO_INTERRUPT` in the available ring's flags
+/// asks for none. Either is only a hint, read after the used index is
+/// published (a full fence between), so that a driver that changes its
+/// mind at the same moment still gets its interrupt. An unreadable ring
+/// asks for one.
+pub fn needs_interrupt(queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+    if queue.event_idx_enabled() {
+        return queue.needs_notification(mem).unwrap_or(true);
+    }
+    fence(Ordering::SeqCst);
+    match mem.load::<u16>(GuestAddress(queue.avail_ring()), Ordering::Relaxed) {
+        Ok(flags) => u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0,
+        Err(_) => true,
     }
 }
 

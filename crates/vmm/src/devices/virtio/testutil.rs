@@ -116,6 +116,30 @@ impl<'a> TestQueue<'a> {
         )
     }
 
+    /// Sets the available ring's flags (VRING_AVAIL_F_NO_INTERRUPT).
+    pub fn set_avail_flags(&self, flags: u16) {
+        self.mem.write_obj(flags, self.avail).unwrap();
+    }
+
+    /// Sets `used_event`, after the available ring's entries (the driver's
+    /// "interrupt me once this entry is used", with EVENT_IDX).
+    pub fn set_used_event(&self, idx: u16) {
+        let at = self.avail.unchecked_add(4 + 2 * u64::from(self.size));
+        self.mem.write_obj(idx, at).unwrap();
+    }
+
+    /// The used ring's flags (VRING_USED_F_NO_NOTIFY).
+    pub fn used_flags(&self) -> u16 {
+        self.mem.read_obj(self.used).unwrap()
+    }
+
+    /// `avail_event`, after the used ring's entries (the device's "notify
+    /// me once this entry is available", with EVENT_IDX).
+    pub fn avail_event(&self) -> u16 {
+        let at = self.used.unchecked_add(4 + 8 * u64::from(self.size));
+        self.mem.read_obj(at).unwrap()
+    }
+
     /// A ready virtio-queue [`Queue`] over these structures.
     pub fn queue(&self) -> Queue {
         let mut q = Queue::new(self.size).unwrap();

@@ -1,6 +1,13 @@
 //! The thread that runs a device's queues: an epoll loop over the queues'
 //! eventfds (signalled by KVM through ioeventfds when the driver notifies),
 //! the back end's readiness fd and a stop eventfd.
+//!
+//! What a wakeup costs is mostly system calls, so the loop keeps them few:
+//! the queue eventfds are watched edge-triggered and never read (every
+//! signal is an edge; what the counter holds does not matter), the back
+//! end's fd is watched level-triggered so that the handler reads it only
+//! as often as there are frames (no final read that fails with
+//! `EWOULDBLOCK`), and the interrupt is signalled at most once per wakeup.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::thread::JoinHandle;
@@ -17,13 +24,19 @@ const BACKEND: u64 = u64::MAX - 1;
 
 /// The part of a device that runs on its worker thread.
 pub(crate) trait QueueHandler: Send + 'static {
-    /// The back end's readiness fd, watched edge-triggered: after it fires,
-    /// the handler must consume until the back end reports `WouldBlock`
-    /// (or it has nowhere to put more).
+    /// The back end's readiness fd, watched level-triggered while
+    /// [`Self::backend_wanted`] says so: [`Self::backend_ready`] is called
+    /// once per wakeup while it is readable.
     fn backend_fd(&self) -> Option<RawFd>;
+    /// Whether the back end's fd should be watched now: not while the
+    /// handler holds work it cannot pass on (a frame and no receive
+    /// buffer), nor after the back end failed.
+    fn backend_wanted(&self) -> bool {
+        true
+    }
     /// The driver notified queue `index`. Returns whether to interrupt it.
     fn queue_notified(&mut self, index: usize) -> bool;
-    /// The back end's fd became ready. Returns whether to interrupt.
+    /// The back end's fd is readable. Returns whether to interrupt.
     fn backend_ready(&mut self) -> bool;
     /// Processes everything pending (at start, when notifications may have
     /// been missed). Returns whether to interrupt.
@@ -59,15 +72,11 @@ impl<H: QueueHandler> Worker<H> {
                 epoll.ctl(
                     ControlOperation::Add,
                     evt.as_raw_fd(),
-                    EpollEvent::new(EventSet::IN, i as u64),
+                    EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, i as u64),
                 )?;
             }
             if let Some(fd) = handler.backend_fd() {
-                epoll.ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, BACKEND),
-                )?;
+                watch_backend(&epoll, fd, true)?;
             }
             Ok((epoll, stop, stop_for_thread))
         };
@@ -119,45 +128,80 @@ impl<H: QueueHandler> Drop for Worker<H> {
     }
 }
 
+/// Watches the back end's fd (level-triggered) or stops watching it.
+fn watch_backend(epoll: &Epoll, fd: RawFd, on: bool) -> std::io::Result<()> {
+    if on {
+        epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, BACKEND),
+        )
+    } else {
+        epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default())
+    }
+}
+
 fn run<H: QueueHandler>(
     epoll: Epoll,
     mut handler: H,
     queue_evts: Vec<EventFd>,
     interrupt: Interrupt,
 ) -> H {
-    if handler.process_all() {
-        interrupt.signal_used();
-    }
+    let backend = handler.backend_fd();
+    // Registered by spawn.
+    let mut watching = backend.is_some();
+    let mut notify = handler.process_all();
     let mut events = vec![EpollEvent::default(); queue_evts.len() + 2];
     loop {
+        if notify {
+            interrupt.signal_used();
+        }
+        if let Some(fd) = backend {
+            let wanted = handler.backend_wanted();
+            if wanted != watching {
+                match watch_backend(&epoll, fd, wanted) {
+                    Ok(()) => watching = wanted,
+                    Err(e) => {
+                        tracing::error!(
+                            "virtio: a device worker cannot watch its back end, it stops: {e}"
+                        );
+                        return handler;
+                    }
+                }
+            }
+        }
         let n = match epoll.wait(-1, &mut events) {
             Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
+                notify = false;
+                continue;
+            }
             Err(e) => {
                 tracing::error!("virtio: a device worker's epoll failed, it stops: {e}");
                 return handler;
             }
         };
-        let mut notify = false;
+        notify = false;
         let mut stop = false;
+        let mut ready = false;
+        // Queue eventfds are edge-triggered: nothing to read.
         for event in &events[..n] {
             match event.data() {
                 STOP => stop = true,
-                BACKEND => notify |= handler.backend_ready(),
-                i => {
-                    let i = i as usize;
-                    if let Some(evt) = queue_evts.get(i) {
-                        // Non-blocking: a spurious wakeup reads nothing.
-                        let _ = evt.read();
-                        notify |= handler.queue_notified(i);
-                    }
+                BACKEND => ready = true,
+                i if (i as usize) < queue_evts.len() => {
+                    notify |= handler.queue_notified(i as usize);
                 }
+                _ => {}
             }
         }
-        if notify {
-            interrupt.signal_used();
+        if ready && watching {
+            notify |= handler.backend_ready();
         }
         if stop {
+            if notify {
+                interrupt.signal_used();
+            }
             return handler;
         }
     }
