@@ -271,13 +271,23 @@ fn payload(link: &mut Link, h: &Header) -> Result<Vec<u8>, Error> {
     Ok(buf)
 }
 
-/// Reads one `MigPages` payload of `len` bytes from `link` straight into
-/// guest memory: the count and entries first, every address checked
-/// before any data is read, then the pages' contents with `readv` into
-/// their places (marked dirty like every VMM write). Zero pages are
-/// written only where the page is not zero already, so untouched pages
-/// stay unallocated.
-fn receive_pages(vm: &Vm, link: &mut Link, len: u32, counters: &Counters) -> Result<(), Error> {
+/// Reads one `MigPages` batch, whose frame has a payload of `len` bytes,
+/// from `link` straight into guest memory: the count and entries first,
+/// every address checked before any data is read, then the pages'
+/// contents with `readv` into their places (marked dirty like every VMM
+/// write) — from the rest of the payload, or from the stream after the
+/// frame, as the source sends them ([`wire::decode_page_head`]; both come
+/// next on the stream). The pages are faulted in before or while the data
+/// arrives: by `helper` on its own thread if the channel has one, else
+/// here ([`populate`]). Zero pages are written only where the page is not
+/// zero already, so untouched pages stay unallocated.
+fn receive_pages(
+    vm: &Vm,
+    link: &mut Link,
+    len: u32,
+    counters: &Counters,
+    helper: Option<&Populator>,
+) -> Result<(), Error> {
     static ZERO: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
     let len = len as usize;
     let read =
@@ -295,9 +305,9 @@ fn receive_pages(vm: &Vm, link: &mut Link, len: u32, counters: &Counters) -> Res
     }
     let mut raw = [0u8; 8 * wire::MAX_BATCH];
     read(link, &mut raw[..8 * n])?;
-    let entries = wire::decode_page_entries(len, &raw[..8 * n]).map_err(protocol)?;
+    let entries = wire::decode_page_head(len, &raw[..8 * n]).map_err(protocol)?;
     let mem = vm.memory();
-    let mut iov = Vec::with_capacity(n);
+    let mut iov: Vec<libc::iovec> = Vec::with_capacity(n);
     for &(gpa, zero) in &entries {
         // Page-aligned addresses in page-aligned regions: a page whose
         // start is in RAM lies wholly in one region.
@@ -306,15 +316,32 @@ fn receive_pages(vm: &Vm, link: &mut Link, len: u32, counters: &Counters) -> Res
             .map_err(|_| Error::Protocol(format!("page {gpa:#x} is outside guest RAM")))?;
         if !zero {
             slice.bitmap().mark_dirty(0, PAGE_SIZE);
-            iov.push(libc::iovec {
-                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-                iov_len: PAGE_SIZE,
-            });
+            let ptr = slice.ptr_guard_mut().as_ptr();
+            // Adjacent pages become one buffer.
+            match iov.last_mut() {
+                Some(last) if last.iov_base.cast::<u8>().wrapping_add(last.iov_len) == ptr => {
+                    last.iov_len += PAGE_SIZE;
+                }
+                _ => iov.push(libc::iovec {
+                    iov_base: ptr.cast(),
+                    iov_len: PAGE_SIZE,
+                }),
+            }
         }
     }
-    // SAFETY: every iovec is one whole page of guest RAM, checked by
-    // get_slice in a live mapping the VM owns and that outlives the call;
-    // the guest does not run while an incoming migration writes its memory.
+    match helper {
+        Some(p) => p.post(&iov),
+        None => {
+            for v in &iov {
+                populate(v.iov_base as usize, v.iov_len);
+            }
+        }
+    }
+    // SAFETY: every iovec covers whole pages of guest RAM, each checked by
+    // get_slice in a live mapping the VM owns and that outlives the call
+    // (adjacent ones merged); no two overlap, as the pages are distinct
+    // (decode_page_head checked that their addresses ascend); the guest
+    // does not run while an incoming migration writes its memory.
     unsafe { crate::pageio::read_into_iovecs(link, &mut iov) }
         .map_err(link_err("page transfer"))?;
     for &(gpa, zero) in &entries {
@@ -335,7 +362,7 @@ fn receive_pages(vm: &Vm, link: &mut Link, len: u32, counters: &Counters) -> Res
         .zero
         .fetch_add(entries.len() as u64 - data, Ordering::Relaxed);
     counters.bytes.fetch_add(
-        len as u64 + crate::frame::HEADER_LEN as u64,
+        (4 + 8 * n) as u64 + data * PAGE_SIZE as u64 + crate::frame::HEADER_LEN as u64,
         Ordering::Relaxed,
     );
     super::maybe_die(
@@ -343,6 +370,134 @@ fn receive_pages(vm: &Vm, link: &mut Link, len: u32, counters: &Counters) -> Res
         counters.pages.load(Ordering::Relaxed) + counters.zero.load(Ordering::Relaxed),
     );
     Ok(())
+}
+
+/// Faults in `len` bytes of guest RAM at host address `addr` (whole pages
+/// of one batch, see [`receive_pages`]), writable, before the data is read
+/// into them: `madvise(MADV_POPULATE_WRITE)` allocates (and zeroes) a run
+/// of pages in one call, where letting `readv` touch them takes a page
+/// fault per page. Only a hint: the pages' contents do not change, and if
+/// the kernel cannot (before Linux 5.14 — then it is not tried again — or
+/// short of memory), `readv` faults the pages in as before.
+fn populate(addr: usize, len: usize) {
+    static UNSUPPORTED: AtomicBool = AtomicBool::new(false);
+    if UNSUPPORTED.load(Ordering::Relaxed) {
+        return;
+    }
+    // SAFETY: the range is whole pages of guest RAM in a live mapping the
+    // VM owns (checked by `receive_pages`; the VM outlives every page
+    // receiver and its helper). MADV_POPULATE_WRITE only populates page
+    // tables, as a write fault would, without writing: present pages keep
+    // their contents and absent ones become the zero pages they read as
+    // already. No Rust reference into guest memory exists.
+    let r = unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) };
+    if r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+        UNSUPPORTED.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Pages a helper thread faults in per call: small enough that it soon
+/// notices a newer batch, large enough that the calls cost little.
+const HELPER_CHUNK: usize = 16 * PAGE_SIZE;
+
+/// The helper of one page channel: a thread of its own that faults in the
+/// pages of the channel's current batch ([`populate`]) while the channel's
+/// thread reads their data in, so that the kernel's page allocation and
+/// zeroing — most of the destination's work — runs on another core. The
+/// channel posts each batch's buffers before its `readv` ([`Self::post`]);
+/// the helper works through them from the end backwards while `readv`
+/// fills them from the start, faulting in itself what the helper has not
+/// reached yet, until the two meet. A newer batch replaces an unfinished
+/// one, whose remaining pages `readv` is faulting in already. The helper
+/// only ever populates pages, so when it gets to a page does not matter.
+struct Populator {
+    job: Mutex<Job>,
+    /// Batches posted so far; the helper compares it with the one it works on.
+    posted: AtomicU64,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct Job {
+    /// The latest batch's buffers: host address and length, whole pages.
+    runs: Vec<(usize, usize)>,
+    /// The page transfer is over; the helper returns.
+    stop: bool,
+}
+
+impl Populator {
+    fn new() -> Self {
+        Populator {
+            job: Mutex::new(Job::default()),
+            posted: AtomicU64::new(0),
+            wake: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Job> {
+        self.job.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hands the helper the buffers of the batch about to be read.
+    fn post(&self, iov: &[libc::iovec]) {
+        let mut job = self.lock();
+        job.runs.clear();
+        job.runs
+            .extend(iov.iter().map(|v| (v.iov_base as usize, v.iov_len)));
+        self.posted.fetch_add(1, Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+
+    /// Ends [`Self::run`].
+    fn stop(&self) {
+        self.lock().stop = true;
+        self.wake.notify_one();
+    }
+
+    /// The helper thread: populates each posted batch until stopped.
+    fn run(&self) {
+        let mut done = 0;
+        let mut runs = Vec::new();
+        loop {
+            {
+                let mut job = self.lock();
+                loop {
+                    if job.stop {
+                        return;
+                    }
+                    let posted = self.posted.load(Ordering::SeqCst);
+                    if posted != done {
+                        done = posted;
+                        std::mem::swap(&mut runs, &mut job.runs);
+                        break;
+                    }
+                    job = self.wake.wait(job).unwrap_or_else(|e| e.into_inner());
+                }
+            }
+            'batch: for &(addr, len) in runs.iter().rev() {
+                let mut end = addr + len;
+                while end > addr {
+                    let start = end.saturating_sub(HELPER_CHUNK).max(addr);
+                    populate(start, end - start);
+                    end = start;
+                    if self.posted.load(Ordering::Relaxed) != done {
+                        break 'batch;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Stops the helpers when the page transfer ends, however it ends.
+struct StopHelpers<'a>(&'a [Populator]);
+
+impl Drop for StopHelpers<'_> {
+    fn drop(&mut self) {
+        for p in self.0 {
+            p.stop();
+        }
+    }
 }
 
 /// How far each page channel has got: the control channel acknowledges a
@@ -408,11 +563,12 @@ fn receive_channel(
     index: usize,
     counters: &Counters,
     sync: &RoundSync,
+    helper: Option<&Populator>,
 ) -> Result<(), Error> {
     loop {
         let h = link.recv_header().map_err(link_err("page transfer"))?;
         match h.msg_type {
-            MsgType::MigPages => receive_pages(vm, link, h.payload_len, counters)?,
+            MsgType::MigPages => receive_pages(vm, link, h.payload_len, counters, helper)?,
             MsgType::MigRoundEnd => {
                 let r = wire::RoundEnd::decode(&payload(link, &h)?).map_err(protocol)?;
                 sync.reached(index, r.round);
@@ -472,16 +628,36 @@ fn receive(
     };
 
     let sync = RoundSync::new(usize::from(begin.channels));
+    // With a core to spare per channel, each channel gets a helper that
+    // faults its pages in (see `Populator`).
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let helped = cores > usize::from(begin.channels);
+    let populators: Vec<Populator> = (0..begin.channels).map(|_| Populator::new()).collect();
     let (state_frame, transfer) = std::thread::scope(|s| {
+        let _stop = StopHelpers(&populators);
+        let helpers: Vec<Option<&Populator>> = populators
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                // A helper that cannot start is only a missed speed-up.
+                let started = helped
+                    && std::thread::Builder::new()
+                        .name(format!("migrate-pf{i}"))
+                        .spawn_scoped(s, || p.run())
+                        .is_ok();
+                started.then_some(p)
+            })
+            .collect();
         let mut handles = Vec::new();
         for (i, link) in extra.iter_mut().enumerate() {
             let counters = &counters;
             let shutdown_all = &shutdown_all;
             let sync = &sync;
+            let helper = helpers[i + 1];
             let h = std::thread::Builder::new()
                 .name(format!("migrate-rx{}", i + 1))
                 .spawn_scoped(s, move || {
-                    let r = receive_channel(vm, link, i + 1, counters, sync);
+                    let r = receive_channel(vm, link, i + 1, counters, sync, helper);
                     if r.is_err() {
                         sync.fail();
                         shutdown_all();
@@ -494,8 +670,9 @@ fn receive(
         if handles.iter().any(|h| h.is_err()) {
             sync.fail();
         }
-        let control_result =
-            receive_control(vm, control, &counters, &sync, params, progress, started);
+        let control_result = receive_control(
+            vm, control, helpers[0], &counters, &sync, params, progress, started,
+        );
         if control_result.is_err() || handles.iter().any(|h| h.is_err()) {
             stop_channels();
         }
@@ -627,9 +804,11 @@ fn receive(
 
 /// Receives the control channel's pages and messages until the state
 /// arrives. Returns the state frame and when the channel's pages ended.
+#[allow(clippy::too_many_arguments)]
 fn receive_control(
     vm: &Vm,
     control: &mut Link,
+    helper: Option<&Populator>,
     counters: &Counters,
     sync: &RoundSync,
     params: &Params,
@@ -641,7 +820,7 @@ fn receive_control(
         let h = control.recv_header().map_err(link_err("page transfer"))?;
         match h.msg_type {
             MsgType::MigPages if ended.is_none() => {
-                receive_pages(vm, control, h.payload_len, counters)?
+                receive_pages(vm, control, h.payload_len, counters, helper)?
             }
             MsgType::MigRoundEnd if ended.is_none() => {
                 let r = wire::RoundEnd::decode(&payload(control, &h)?).map_err(protocol)?;

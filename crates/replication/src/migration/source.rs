@@ -3,15 +3,18 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use vm_memory::{Bytes, GuestAddress};
+use std::os::fd::AsRawFd;
+
+use vm_memory::bitmap::BitmapSlice;
+use vm_memory::{GuestAddress, GuestMemoryBackend, VolatileMemory, VolatileSlice};
 use vmm::Vm;
 use vmm::memory::DirtyBitmap;
 
-use super::wire::{self, PAGE_SIZE, PagesBuilder};
+use super::wire::{self, PAGE_SIZE};
 use super::{DowntimeSplit, Error, Params, Phase, ProgressHandle, Report, link_err, ms, vm_err};
-use crate::frame::MsgType;
+use crate::frame::{FrameError, MsgType};
 use crate::handshake::{self, HandshakeConfig, Role};
-use crate::link::{Link, LinkConfig};
+use crate::link::{Link, LinkConfig, LinkError};
 
 /// Bandwidth assumed until a round has moved enough data to measure it.
 const ASSUMED_BANDWIDTH: f64 = 100e6;
@@ -483,7 +486,28 @@ impl Run<'_> {
     }
 }
 
-/// Sends the pages of `set` that belong to channel `index` of `channels`.
+/// Sends the pages of `set` that belong to channel `index` of `channels`,
+/// in batches of at most [`wire::MAX_BATCH`]: each a `MigPages` frame with
+/// the batch's entries, followed on the stream by the contents of its
+/// pages with data, written with `writev` straight from guest memory (no
+/// copy in this process).
+///
+/// The guest keeps running during the pre-copy rounds and may write a page
+/// between the zero check and the moment the kernel copies it into the
+/// socket, or while it does: the page may then be sent as a zero flag
+/// though it is no longer zero, or with contents that are torn or already
+/// newer than the check saw. Neither loses a write. Every page of a round
+/// is read after the dirty-log harvest that ended the previous round
+/// ([`Run::run`] harvests before each `send_pages`; round 1's harvest
+/// starts the tracking), so a write that changes a page after (or while)
+/// this round reads it is a write after that harvest: KVM's dirty log (or
+/// the VMM's dirty bitmap, for the VMM's own writes) holds it, the next
+/// harvest returns the page, and it is sent again in the next round — or,
+/// after the last pre-copy round, in the paused one, which takes the
+/// union of the leftover set and a final harvest. That later copy travels
+/// on the same channel (pages keep their channel), so it arrives after
+/// this one and overwrites it. While the guest is paused nothing writes
+/// guest memory, so the last copy of every page is exact.
 #[allow(clippy::too_many_arguments)]
 fn send_stripe(
     vm: &Vm,
@@ -497,46 +521,165 @@ fn send_stripe(
 ) -> Result<(), Error> {
     let mem = vm.memory();
     let die_after = super::die_after_pages();
-    let mut batch = PagesBuilder::new();
-    let flush = |batch: &mut PagesBuilder, link: &mut Link| -> Result<(), Error> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let payload = batch.finish();
-        let r = link
-            .send(MsgType::MigPages, payload)
-            .map_err(link_err("page transfer"));
-        if r.is_err() {
-            abort.store(true, Ordering::SeqCst);
-        }
-        r?;
-        counters.bytes.fetch_add(
-            payload.len() as u64 + crate::frame::HEADER_LEN as u64,
-            Ordering::Relaxed,
-        );
-        let (pages, zero, _) = counters.get();
-        super::maybe_die(die_after, pages + zero);
-        Ok(())
-    };
+    let mut batch = OutBatch::new();
+    let mut scratch = vec![0u8; PAGE_SIZE];
     for gpa in set.pages() {
         let gpa = gpa.0;
         if channels > 1 && wire::channel_of(gpa, channels) != index {
             continue;
         }
-        let page = batch.next_page();
-        mem.read_slice(page, GuestAddress(gpa))
+        // Page-aligned addresses in page-aligned regions: a page whose
+        // start is in RAM lies wholly in one region.
+        let page = mem
+            .get_slice(GuestAddress(gpa), PAGE_SIZE)
             .map_err(|e| Error::Protocol(format!("cannot read guest page {gpa:#x}: {e}")))?;
-        if batch.commit(gpa, skip_zero) {
+        if page_is_zero(&page, &mut scratch) {
             counters.zero.fetch_add(1, Ordering::Relaxed);
+            if skip_zero {
+                continue;
+            }
+            batch.head.push(gpa, true);
         } else {
             counters.pages.fetch_add(1, Ordering::Relaxed);
+            batch.head.push(gpa, false);
+            batch.add_data(page.ptr_guard().as_ptr());
         }
-        if batch.is_full() {
+        if batch.head.is_full() {
             if abort.load(Ordering::Relaxed) {
                 return Err(Error::Protocol("another channel failed".into()));
             }
-            flush(&mut batch, link)?;
+            flush(&mut batch, link, counters, abort, die_after)?;
         }
     }
-    flush(&mut batch, link)
+    flush(&mut batch, link, counters, abort, die_after)
+}
+
+/// Whether the guest page `page` reads as all zeros now. A page with data
+/// nearly always has a non-zero first word, which settles it without
+/// reading on; otherwise the page is copied into `scratch` and checked
+/// whole.
+fn page_is_zero<B: BitmapSlice>(page: &VolatileSlice<'_, B>, scratch: &mut [u8]) -> bool {
+    if page.get_ref::<u64>(0).is_ok_and(|w| w.load() != 0) {
+        return false;
+    }
+    page.copy_to(scratch) == PAGE_SIZE && wire::is_zero(scratch)
+}
+
+/// A batch on its way out: its `MigPages` head and where the contents of
+/// its pages with data are in guest memory, adjacent pages merged into one
+/// buffer.
+struct OutBatch {
+    head: wire::PagesHead,
+    /// Guest memory, in the order of the head's entries with data.
+    iov: Vec<libc::iovec>,
+}
+
+impl OutBatch {
+    fn new() -> Self {
+        OutBatch {
+            head: wire::PagesHead::new(),
+            iov: Vec::with_capacity(wire::MAX_BATCH),
+        }
+    }
+
+    /// Appends the page at `ptr` (one page of guest memory) to the data.
+    fn add_data(&mut self, ptr: *const u8) {
+        if let Some(last) = self.iov.last_mut()
+            && last.iov_base.cast::<u8>().wrapping_add(last.iov_len) == ptr.cast_mut()
+        {
+            last.iov_len += PAGE_SIZE;
+            return;
+        }
+        self.iov.push(libc::iovec {
+            iov_base: ptr.cast_mut().cast(),
+            iov_len: PAGE_SIZE,
+        });
+    }
+
+    fn clear(&mut self) {
+        self.head.clear();
+        self.iov.clear();
+    }
+}
+
+/// Sends `batch` (if it holds any page) and empties it: the `MigPages`
+/// frame with its entries, then the pages' contents from guest memory.
+fn flush(
+    batch: &mut OutBatch,
+    link: &mut Link,
+    counters: &Counters,
+    abort: &AtomicBool,
+    die_after: Option<u64>,
+) -> Result<(), Error> {
+    if batch.head.is_empty() {
+        return Ok(());
+    }
+    let data = batch.head.data_pages() * PAGE_SIZE;
+    let payload = batch.head.finish();
+    let head_bytes = payload.len() + crate::frame::HEADER_LEN;
+    let sent = link
+        .send(MsgType::MigPages, payload)
+        .and_then(|()| {
+            // SAFETY: every iovec covers whole pages of guest RAM, each
+            // from a `get_slice` of one page (adjacent ones merged within
+            // a region's mapping), which the VM keeps mapped while it
+            // lives, longer than this call. `writev` only reads that
+            // memory, and no Rust reference to it exists: the guest may
+            // write it meanwhile, which at worst sends bytes that a later
+            // round replaces (see `send_stripe`).
+            unsafe { write_iovecs(link, &mut batch.iov) }
+        })
+        .map_err(link_err("page transfer"));
+    batch.clear();
+    if sent.is_err() {
+        abort.store(true, Ordering::SeqCst);
+    }
+    sent?;
+    counters
+        .bytes
+        .fetch_add((head_bytes + data) as u64, Ordering::Relaxed);
+    let (pages, zero, _) = counters.get();
+    super::maybe_die(die_after, pages + zero);
+    Ok(())
+}
+
+/// Writes all the memory `iov` describes to the link's stream, with as
+/// few `writev` calls as the socket takes it in (at most 1024 buffers per
+/// call). The bytes follow the frame sent last, which announces them.
+///
+/// # Safety
+///
+/// Every iovec must describe memory that is valid for reads of `iov_len`
+/// bytes for the whole call.
+unsafe fn write_iovecs(link: &Link, iov: &mut [libc::iovec]) -> Result<(), LinkError> {
+    let fd = link.stream().as_raw_fd();
+    let mut first = 0;
+    while first < iov.len() {
+        let rest = &mut iov[first..];
+        let count = rest.len().min(1024) as libc::c_int;
+        // SAFETY: the caller guarantees each iovec (or the remainder of
+        // one, after a partial write below) is readable for its length;
+        // writev reads at most iov_len bytes from each and writes none.
+        let n = unsafe { libc::writev(fd, rest.as_ptr(), count) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(FrameError::from_io(e).into());
+        }
+        let mut n = n as usize;
+        while n > 0 && first < iov.len() {
+            let v = &mut iov[first];
+            if n >= v.iov_len {
+                n -= v.iov_len;
+                first += 1;
+            } else {
+                v.iov_base = v.iov_base.cast::<u8>().wrapping_add(n).cast();
+                v.iov_len -= n;
+                n = 0;
+            }
+        }
+    }
+    Ok(())
 }

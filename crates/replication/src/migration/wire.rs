@@ -8,8 +8,11 @@
 //! MigBegin     session[16] channels:u16 flags:u32 memory:u64 vcpus:u32 ndev:u32 dev:u32*ndev
 //! MigReady     (empty)
 //! MigJoin      session[16] index:u16
-//! MigPages     count:u32 entry:u64*count data[4096]*(entries without ZERO)
-//!              entry = guest address of the page | flags (bit 0 ZERO, bits 1..11 zero)
+//! MigPages     count:u32 entry:u64*count [data[4096]*(entries without ZERO)]
+//!              entry = guest address of the page | flags (bit 0 ZERO, bits 1..11 zero),
+//!              addresses strictly ascending; the data either ends the payload or,
+//!              if the payload stops after the entries, follows the frame on the
+//!              stream (what the source sends)
 //! MigRoundEnd  round:u32 pages:u64 dirty:u64
 //! MigChannelEnd pages:u64            (pages this channel carried, zero ones included)
 //! MigState     digest_len:u32 digest[digest_len] state[..]   (state in twinvm's state format)
@@ -338,6 +341,116 @@ impl PagesBuilder {
     }
 }
 
+/// Builds the head of a `MigPages` frame whose page contents follow the
+/// frame on the stream (see [`decode_page_head`]): the count and the
+/// entries. [`Self::push`] pages, then [`Self::finish`]; the buffer is
+/// reused from batch to batch.
+pub struct PagesHead {
+    /// The count (written by `finish`), then the entries.
+    buf: Vec<u8>,
+    /// Entries without [`ENTRY_ZERO`].
+    with_data: usize,
+}
+
+impl Default for PagesHead {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PagesHead {
+    pub fn new() -> Self {
+        let mut buf = Vec::with_capacity(4 + 8 * MAX_BATCH);
+        buf.extend_from_slice(&[0; 4]);
+        PagesHead { buf, with_data: 0 }
+    }
+
+    /// Pages in the batch.
+    pub fn len(&self) -> usize {
+        (self.buf.len() - 4) / 8
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether the batch is full.
+    pub fn is_full(&self) -> bool {
+        self.len() >= MAX_BATCH
+    }
+
+    /// Pages whose contents follow the frame.
+    pub fn data_pages(&self) -> usize {
+        self.with_data
+    }
+
+    /// Adds the page at `gpa` (page-aligned): a zero page (a flag, no
+    /// data) or one whose 4096 bytes the caller sends after the frame, in
+    /// the order of the pushes.
+    pub fn push(&mut self, gpa: u64, zero: bool) {
+        let entry = if zero { gpa | ENTRY_ZERO } else { gpa };
+        self.buf.extend_from_slice(&entry.to_le_bytes());
+        if !zero {
+            self.with_data += 1;
+        }
+    }
+
+    /// The payload: count and entries. Valid until [`Self::clear`].
+    pub fn finish(&mut self) -> &[u8] {
+        let n = self.len() as u32;
+        self.buf[..4].copy_from_slice(&n.to_le_bytes());
+        &self.buf
+    }
+
+    /// Empties the batch.
+    pub fn clear(&mut self) {
+        self.buf.truncate(4);
+        self.with_data = 0;
+    }
+}
+
+/// Checks the head of a `MigPages` frame whose payload is `len` bytes:
+/// `entries` are its count's entries (the count, at most [`MAX_BATCH`],
+/// read by the caller), their addresses strictly ascending. Returns the
+/// entries as (address, zero). The page contents, one page per non-zero
+/// entry, come right after the entries either way: inside the payload
+/// (`len` holds them; what [`PagesBuilder`] writes) or after the frame on
+/// the stream (`len` ends with the entries; what the migration source
+/// sends, straight from guest memory). Any other `len` is refused.
+pub fn decode_page_head(len: usize, entries: &[u8]) -> Result<Vec<(u64, bool)>, WireError> {
+    let head = 4 + entries.len();
+    let pages = if len == head {
+        let with_data = entries
+            .chunks_exact(8)
+            .filter(|e| e[0] & ENTRY_ZERO as u8 == 0)
+            .count();
+        decode_page_entries(head + with_data * PAGE_SIZE, entries)?
+    } else {
+        decode_page_entries(len, entries)?
+    };
+    if let Some(w) = pages.windows(2).find(|w| w[0].0 >= w[1].0) {
+        return Err(WireError::Invalid {
+            msg: "MigPages",
+            why: format!("page {:#x} follows page {:#x} in one batch", w[1].0, w[0].0),
+        });
+    }
+    Ok(pages)
+}
+
+/// Decodes a whole `MigPages` payload of either form ([`decode_page_head`]);
+/// returns the entries and whether the data follows the frame.
+pub fn decode_pages_payload(b: &[u8]) -> Result<(Vec<(u64, bool)>, bool), WireError> {
+    let mut r = Reader::new("MigPages", b);
+    let count = r.u32()? as usize;
+    if count > MAX_BATCH {
+        return Err(r.invalid(format!("{count} pages in one batch (at most {MAX_BATCH})")));
+    }
+    let entries = r.take(count * 8)?;
+    let pages = decode_page_head(b.len(), entries)?;
+    let after = r.rest().is_empty() && pages.iter().any(|&(_, zero)| !zero);
+    Ok((pages, after))
+}
+
 /// Whether `page` is all zeros.
 pub fn is_zero(page: &[u8]) -> bool {
     // Wide words: the compiler turns this into vector compares.
@@ -519,7 +632,15 @@ pub fn decode_any(msg_type: u16, b: &[u8]) -> Result<String, WireError> {
         M::MigBegin => format!("{:?}", Begin::decode(b)?),
         M::MigReady => decode_empty("MigReady", b).map(|_| "ready".to_string())?,
         M::MigJoin => format!("{:?}", Join::decode(b)?),
-        M::MigPages => format!("{} pages", Pages::decode(b)?.iter().count()),
+        M::MigPages => {
+            let (pages, after) = decode_pages_payload(b)?;
+            let place = if after {
+                "after the frame"
+            } else {
+                "in the frame"
+            };
+            format!("{} pages, data {place}", pages.len())
+        }
         M::MigRoundEnd => format!("{:?}", RoundEnd::decode(b)?),
         M::MigChannelEnd => format!("{:?}", decode_u64s::<1>("MigChannelEnd", b)?),
         M::MigState => format!("{} state bytes", StateMsg::decode(b)?.state.len()),
@@ -689,6 +810,86 @@ mod tests {
         assert!(Pages::decode(&count).is_err());
         count[0..4].copy_from_slice(&2u32.to_le_bytes());
         assert!(Pages::decode(&count).is_err());
+    }
+
+    #[test]
+    fn page_heads_take_the_data_in_or_after_the_frame() {
+        let mut head = PagesHead::new();
+        assert!(head.is_empty());
+        head.push(0x1000, false);
+        head.push(0x2000, true);
+        head.push(0x5000, false);
+        assert_eq!((head.len(), head.data_pages()), (3, 2));
+        let payload = head.finish().to_vec();
+        assert_eq!(payload.len(), 4 + 3 * 8);
+        let want = vec![(0x1000, false), (0x2000, true), (0x5000, false)];
+        // The data follows the frame.
+        assert_eq!(
+            decode_pages_payload(&payload).unwrap(),
+            (want.clone(), true)
+        );
+        assert_eq!(
+            decode_page_head(payload.len(), &payload[4..]).unwrap(),
+            want
+        );
+        // The same head with the data inside the payload.
+        let mut inside = payload.clone();
+        inside.resize(payload.len() + 2 * PAGE_SIZE, 7);
+        assert_eq!(
+            decode_pages_payload(&inside).unwrap(),
+            (want.clone(), false)
+        );
+        assert_eq!(decode_page_head(inside.len(), &payload[4..]).unwrap(), want);
+        // Addresses must ascend: a page twice, or out of order, is refused.
+        let mut twice = PagesHead::new();
+        twice.push(0x1000, false);
+        twice.push(0x1000, false);
+        let twice = twice.finish().to_vec();
+        assert!(decode_pages_payload(&twice).is_err());
+        let mut back = PagesHead::new();
+        back.push(0x2000, true);
+        back.push(0x1000, false);
+        assert!(decode_pages_payload(back.finish()).is_err());
+        // Anything between, or beyond, is refused.
+        for len in [
+            payload.len() + 1,
+            payload.len() + PAGE_SIZE,
+            inside.len() + 1,
+        ] {
+            assert!(decode_page_head(len, &payload[4..]).is_err(), "{len}");
+        }
+        assert!(decode_pages_payload(&inside[..inside.len() - 1]).is_err());
+        // A batch of zero pages only carries no data either way.
+        head.clear();
+        head.push(0x3000, true);
+        let zeros = head.finish().to_vec();
+        assert_eq!(
+            decode_pages_payload(&zeros).unwrap(),
+            (vec![(0x3000, true)], false)
+        );
+        // Unknown flags and too many pages, as for whole payloads.
+        let mut flags = payload.clone();
+        flags[4] |= 0x4;
+        assert!(decode_pages_payload(&flags).is_err());
+        head.clear();
+        for i in 0..MAX_BATCH as u64 {
+            head.push(i << 12, false);
+        }
+        assert!(head.is_full());
+        let mut many = head.finish().to_vec();
+        assert!(decode_pages_payload(&many).is_ok());
+        many[0..4].copy_from_slice(&(MAX_BATCH as u32 + 1).to_le_bytes());
+        many.extend_from_slice(&[0; 8]);
+        assert!(decode_pages_payload(&many).is_err());
+        // The builder's payloads decode the same way.
+        let mut pb = PagesBuilder::new();
+        pb.next_page().fill(1);
+        pb.commit(0x7000, false);
+        let built = pb.finish().to_vec();
+        assert_eq!(
+            decode_pages_payload(&built).unwrap(),
+            (vec![(0x7000, false)], false)
+        );
     }
 
     #[test]
