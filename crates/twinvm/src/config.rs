@@ -30,7 +30,7 @@
 //! role = "primary"             # or "secondary"
 //! peer = "10.0.0.2:7777"       # primary: the secondary's `listen`
 //! listen = "0.0.0.0:7777"      # secondary: where the primary connects
-//! interval_ms = 500            # checkpoint interval
+//! interval_ms = 200            # checkpoint interval
 //! channels = 1                 # page channels
 //! verify = false               # debug: digest compare at checkpoints
 //! vm_id = "00112233445566778899aabbccddeeff"

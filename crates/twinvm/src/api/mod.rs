@@ -234,7 +234,7 @@ mod tests {
         assert_eq!(json["replication"]["role"], "primary");
         assert_eq!(json["replication"]["state"], "connecting");
         assert_eq!(json["replication"]["peer"], "10.0.0.2:7777");
-        assert_eq!(json["replication"]["interval_ms"], 500.0);
+        assert_eq!(json["replication"]["interval_ms"], 200.0);
         assert_eq!(
             json["replication"]["last_checkpoint"],
             serde_json::Value::Null
