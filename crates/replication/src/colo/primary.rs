@@ -53,6 +53,12 @@ pub fn run_primary(vm: &Vm, peer: &str, params: &Params, handle: &Handle) {
         let result = Session::open(vm, peer, params, handle).and_then(|mut s| {
             reported_connect_error = false;
             let r = s.run(&mut was_protected);
+            if handle.stopped() {
+                // The VM ended (a step it was in may have failed because
+                // of it): an orderly end, and the secondary's VM ends too.
+                s.close(None);
+                return Ok(());
+            }
             s.close(r.as_ref().err());
             r
         });
