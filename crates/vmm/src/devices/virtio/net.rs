@@ -301,6 +301,8 @@ pub(crate) struct NetHandler {
     /// the worker restarts (a tap that was deleted stays readable).
     backend_failed: bool,
     tx_buf: Vec<u8>,
+    /// The descriptor chain being processed (its buffers reused).
+    chain: Chain,
     warn: WarnLimit,
     /// Chains the guest built wrongly, so far.
     pub(crate) malformed: u64,
@@ -327,6 +329,7 @@ impl NetHandler {
             rx_notify: false,
             backend_failed: false,
             tx_buf: Vec::with_capacity(MAX_FRAME_LEN),
+            chain: Chain::default(),
             warn: WarnLimit::new(),
             malformed: 0,
             dropped: 0,
@@ -381,21 +384,26 @@ impl NetHandler {
 
     /// Sends the frame in the chain at `head`, or drops it with a warning.
     fn transmit(&mut self, head: u16) {
+        let mut chain = std::mem::take(&mut self.chain);
+        self.transmit_chain(head, &mut chain);
+        self.chain = chain;
+    }
+
+    /// [`Self::transmit`], reading the chain into `chain`.
+    fn transmit_chain(&mut self, head: u16, chain: &mut Chain) {
         let max = (HDR_LEN + MAX_FRAME_LEN) as u64;
-        let chain = match queue::read_chain(
+        if let Err(e) = queue::read_chain_into(
+            chain,
             &self.mem,
             GuestAddress(self.tx.desc_table()),
             self.tx.size(),
             head,
             max,
         ) {
-            Ok(chain) => chain,
-            Err(e) => {
-                self.malformed += 1;
-                self.warn(format_args!("transmit buffer dropped: {e}"));
-                return;
-            }
-        };
+            self.malformed += 1;
+            self.warn(format_args!("transmit buffer dropped: {e}"));
+            return;
+        }
         if !chain.writable.is_empty() {
             self.malformed += 1;
             self.warn(format_args!(
@@ -520,6 +528,14 @@ impl NetHandler {
     /// buffer. Chains the guest built wrongly are returned empty and the
     /// next one is tried.
     fn deliver(&mut self, len: usize, used: &mut bool) -> Delivery {
+        let mut chain = std::mem::take(&mut self.chain);
+        let delivery = self.deliver_into(len, used, &mut chain);
+        self.chain = chain;
+        delivery
+    }
+
+    /// [`Self::deliver`], reading receive chains into `chain`.
+    fn deliver_into(&mut self, len: usize, used: &mut bool, chain: &mut Chain) -> Delivery {
         loop {
             let head = match queue::pop_head(&mut self.rx, &self.mem) {
                 Ok(Some(head)) => head,
@@ -530,19 +546,16 @@ impl NetHandler {
                     return Delivery::NoBuffer;
                 }
             };
-            let chain = match self.receive_chain(head) {
-                Some(chain) => chain,
-                None => {
-                    // Returned with nothing written; try the next buffer.
-                    if let Err(e) = self.rx.add_used(&self.mem, head, 0) {
-                        self.warn(format_args!(
-                            "receive queue: cannot return buffer {head}: {e}"
-                        ));
-                    }
-                    *used = true;
-                    continue;
+            if !self.receive_chain(head, chain) {
+                // Returned with nothing written; try the next buffer.
+                if let Err(e) = self.rx.add_used(&self.mem, head, 0) {
+                    self.warn(format_args!(
+                        "receive queue: cannot return buffer {head}: {e}"
+                    ));
                 }
-            };
+                *used = true;
+                continue;
+            }
             let total = HDR_LEN + len;
             if chain.writable_len() < total as u64 {
                 // The buffer stays for the next (smaller) frame.
@@ -581,28 +594,29 @@ impl NetHandler {
         }
     }
 
-    /// The checked receive chain at `head`, or `None` (warned) if the
-    /// guest built it wrongly.
-    fn receive_chain(&mut self, head: u16) -> Option<Chain> {
-        match queue::read_chain(
+    /// Reads the receive chain at `head` into `chain`; false (warned) if
+    /// the guest built it wrongly.
+    fn receive_chain(&mut self, head: u16, chain: &mut Chain) -> bool {
+        match queue::read_chain_into(
+            chain,
             &self.mem,
             GuestAddress(self.rx.desc_table()),
             self.rx.size(),
             head,
             u64::from(u32::MAX),
         ) {
-            Ok(chain) if chain.readable.is_empty() => Some(chain),
-            Ok(_) => {
+            Ok(()) if chain.readable.is_empty() => true,
+            Ok(()) => {
                 self.malformed += 1;
                 self.warn(format_args!(
                     "receive buffer {head} returned unused: it has device-readable descriptors"
                 ));
-                None
+                false
             }
             Err(e) => {
                 self.malformed += 1;
                 self.warn(format_args!("receive buffer returned unused: {e}"));
-                None
+                false
             }
         }
     }

@@ -181,10 +181,24 @@ pub fn read_chain(
     head: u16,
     max_len: u64,
 ) -> Result<Chain, ChainError> {
-    let mut chain = Chain {
-        head,
-        ..Default::default()
-    };
+    let mut chain = Chain::default();
+    read_chain_into(&mut chain, mem, desc_table, size, head, max_len)?;
+    Ok(chain)
+}
+
+/// [`read_chain`] into `chain`, whose buffers are reused (a device keeps
+/// one for every frame rather than allocating).
+pub fn read_chain_into(
+    chain: &mut Chain,
+    mem: &GuestMemoryMmap,
+    desc_table: GuestAddress,
+    size: u16,
+    head: u16,
+    max_len: u64,
+) -> Result<(), ChainError> {
+    chain.head = head;
+    chain.readable.clear();
+    chain.writable.clear();
     let (mut readable_len, mut writable_len) = (0u64, 0u64);
     let mut index = head;
     for _ in 0..size {
@@ -229,7 +243,7 @@ pub fn read_chain(
             chain.readable.push(segment);
         }
         if !desc.has_next() {
-            return Ok(chain);
+            return Ok(());
         }
         index = desc.next();
     }
@@ -269,10 +283,18 @@ pub fn pop_head(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<Option<u16>,
             next: next.0,
         });
     }
-    match queue.pop_descriptor_chain(mem) {
-        Some(chain) => Ok(Some(chain.head_index())),
-        None => Err(PopError::Unreadable),
-    }
+    // The ring entry, read after the index (acquire): the driver wrote it
+    // before it published the index. The size is a power of two.
+    let slot = u64::from(next.0 & (queue.size() - 1));
+    let head = GuestAddress(queue.avail_ring())
+        .checked_add(4 + 2 * slot)
+        .ok_or(PopError::Unreadable)
+        .and_then(|at| {
+            mem.load::<u16>(at, Ordering::Relaxed)
+                .map_err(|_| PopError::Unreadable)
+        })?;
+    queue.set_next_avail(next.0.wrapping_add(1));
+    Ok(Some(u16::from_le(head)))
 }
 
 /// Whether the driver wants an interrupt for the used entries added to
@@ -511,5 +533,30 @@ mod tests {
             pop_head(&mut queue, &mem),
             Err(PopError::BadAvailIndex { .. })
         ));
+    }
+
+    #[test]
+    fn pop_head_follows_the_ring_around() {
+        let mem = test_memory();
+        let q = TestQueue::new(&mem, 16);
+        let mut queue = q.queue();
+        for round in 0..3u16 {
+            for i in 0..10u16 {
+                q.push_avail((round * 10 + i) % 16);
+            }
+            for i in 0..10u16 {
+                assert_eq!(pop_head(&mut queue, &mem), Ok(Some((round * 10 + i) % 16)));
+            }
+            assert_eq!(pop_head(&mut queue, &mem), Ok(None));
+        }
+        assert_eq!(queue.next_avail(), 30);
+        // Across the 16-bit wrap of the indexes.
+        queue.set_next_avail(u16::MAX);
+        q.set_avail_idx(u16::MAX);
+        q.push_avail(7);
+        q.push_avail(8);
+        assert_eq!(pop_head(&mut queue, &mem), Ok(Some(7)));
+        assert_eq!(pop_head(&mut queue, &mem), Ok(Some(8)));
+        assert_eq!(queue.next_avail(), 1);
     }
 }
