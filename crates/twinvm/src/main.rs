@@ -52,8 +52,9 @@ enum Error {
     /// Replication could not be set up (parameters, `--listen` port).
     #[error(transparent)]
     Colo(#[from] colo::Error),
-    /// The secondary's replication failed before its guest ever ran.
-    #[error("replication failed before the secondary ran: {0}")]
+    /// The secondary's replication failed: before its guest ever ran, or
+    /// with a checkpoint it could not apply (its VM stopped).
+    #[error("replication failed: {0}")]
     Secondary(String),
     /// `twinvm pair` failed.
     #[error(transparent)]

@@ -1126,7 +1126,9 @@ fn secondary_whose_primary_dies_before_the_first_checkpoint() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     let last = stderr.lines().last().unwrap_or_default();
     assert!(
-        last.starts_with("twinvm: error: replication failed before the secondary ran: "),
+        last.starts_with(
+            "twinvm: error: replication failed: the primary was lost before the first checkpoint (the guest never ran here): "
+        ),
         "{stderr}"
     );
     assert!(secondary.stdout().is_empty(), "the guest ran");

@@ -448,6 +448,20 @@ pub enum Error {
         #[source]
         source: vmm::Error,
     },
+    /// Secondary: the primary was lost, or broke the protocol, before the
+    /// first checkpoint completed; the guest never ran here.
+    #[error("the primary was lost before the first checkpoint (the guest never ran here)")]
+    LostBeforeRunning(#[source] Box<Error>),
+    /// Secondary: a checkpoint it had acknowledged could not be applied;
+    /// its VM stays stopped.
+    #[error("checkpoint {epoch} was received but could not be applied")]
+    ApplyFailed {
+        /// Checkpoint number.
+        epoch: u64,
+        /// Why.
+        #[source]
+        source: Box<Error>,
+    },
     /// Guest memory could not be read or written.
     #[error("guest memory access failed: {0}")]
     Memory(String),
@@ -805,8 +819,10 @@ fn maybe_die(hook: Option<(u64, u64)>, epoch: u64, pages: u64) {
 
 /// Test hook: `TWINVM_TEST_COLO_CORRUPT=<kind>:<epoch>` makes the primary
 /// send a bad checkpoint `epoch`: `page-outside-ram` (a page far beyond
-/// guest RAM) or `truncated` (a page batch cut short, then the link
-/// closed). Used by the bad-input tests only.
+/// guest RAM), `truncated` (a page batch cut short, then the link
+/// closed) or `skip-page` (from checkpoint `epoch` on, one dirty page left
+/// out of each, as a dirty-tracking bug would: verify mode must catch it
+/// as soon as a page left out differs). Used by the tests only.
 pub const CORRUPT_ENV: &str = "TWINVM_TEST_COLO_CORRUPT";
 
 /// What [`CORRUPT_ENV`] asks for.
@@ -814,6 +830,7 @@ pub const CORRUPT_ENV: &str = "TWINVM_TEST_COLO_CORRUPT";
 enum Corrupt {
     PageOutsideRam,
     Truncated,
+    SkipPage,
 }
 
 fn corrupt_hook() -> Option<(Corrupt, u64)> {
@@ -822,6 +839,7 @@ fn corrupt_hook() -> Option<(Corrupt, u64)> {
     let kind = match kind {
         "page-outside-ram" => Corrupt::PageOutsideRam,
         "truncated" => Corrupt::Truncated,
+        "skip-page" => Corrupt::SkipPage,
         _ => return None,
     };
     Some((kind, epoch.parse().ok()?))

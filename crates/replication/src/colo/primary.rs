@@ -122,6 +122,9 @@ struct Session<'a> {
     corrupt: Option<(Corrupt, u64)>,
     /// Verify mode: the digest of the checkpoint in progress.
     last_digest: Option<String>,
+    /// Test hook: the page left out of a checkpoint, kept out of the
+    /// secondary's report too.
+    skipped: Option<u64>,
 }
 
 impl<'a> Session<'a> {
@@ -208,6 +211,7 @@ impl<'a> Session<'a> {
             die: super::die_hook(ColoRole::Primary),
             corrupt: super::corrupt_hook(),
             last_digest: None,
+            skipped: None,
         })
     }
 
@@ -494,6 +498,19 @@ impl<'a> Session<'a> {
         residual.union_with(&self.pending);
         self.pending.clear();
         split.dirty_log_ms = ms(t.elapsed());
+        // The highest page: low ones may be rewritten with what they held.
+        let last = residual.pages().last();
+        self.skipped = None;
+        if let Some((Corrupt::SkipPage, from)) = self.corrupt
+            && epoch >= from
+            && let Some(gpa) = last
+        {
+            let mut skip = residual.empty_like();
+            skip.insert(gpa);
+            residual.subtract(&skip);
+            self.skipped = Some(gpa.0);
+            tracing::error!("{}: leaving page {:#x} out", super::CORRUPT_ENV, gpa.0);
+        }
 
         let t = Instant::now();
         self.send_pages(&residual, false, true)?;
@@ -508,9 +525,19 @@ impl<'a> Session<'a> {
                 report.epoch
             )));
         }
-        self.take_report(&report.dirty)?;
+        let svm: Vec<u64> = report
+            .dirty
+            .into_iter()
+            .filter(|&p| Some(p) != self.skipped)
+            .collect();
+        self.take_report(&svm)?;
         let mut extra = std::mem::replace(&mut self.pending, residual.empty_like());
         extra.subtract(&residual);
+        if let Some(gpa) = self.skipped {
+            let mut skip = residual.empty_like();
+            skip.insert(GuestAddress(gpa));
+            extra.subtract(&skip);
+        }
         let t = Instant::now();
         self.send_pages(&extra, false, true)?;
         self.round += 1;
@@ -562,7 +589,9 @@ impl<'a> Session<'a> {
         let epoch = self.epoch + 1;
         let hooks = Hooks {
             die: self.die.filter(|_| in_pause),
-            corrupt: self.corrupt.filter(|(_, e)| in_pause && *e == epoch),
+            corrupt: self
+                .corrupt
+                .filter(|(k, e)| in_pause && *e == epoch && *k != Corrupt::SkipPage),
             epoch,
             base: self.counters.get().0,
         };
@@ -694,6 +723,8 @@ fn corrupt_batch(link: &mut Link, kind: Corrupt) -> Result<(), Error> {
     let page = batch.next_page();
     page.fill(0xa5);
     match kind {
+        // Not a batch: `paused_part` leaves the page out.
+        Corrupt::SkipPage => Ok(()),
         Corrupt::PageOutsideRam => {
             batch.commit(1 << 40, false);
             link.send(MsgType::ColoPages, batch.finish())

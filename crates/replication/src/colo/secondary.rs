@@ -345,6 +345,7 @@ fn serve(
             paused_for: None,
             ran: false,
             epoch: 0,
+            applying: None,
             digest_at_pause: None,
         };
         let result = c.run();
@@ -521,7 +522,10 @@ struct PendingState {
     epoch: u64,
     round: u64,
     digest: Option<StateDigest>,
-    state: Vec<u8>,
+    /// Decoded and checked against this VM when it arrived.
+    state: vmm::vm::VmState,
+    /// Its encoded size.
+    bytes: usize,
 }
 
 /// The secondary's decisions, on the caller's thread.
@@ -545,6 +549,8 @@ struct Coordinator<'a, 'b> {
     ran: bool,
     /// Checkpoints loaded.
     epoch: u64,
+    /// The checkpoint acknowledged and being applied.
+    applying: Option<u64>,
     /// Verify mode: the digest when this side paused.
     digest_at_pause: Option<String>,
 }
@@ -585,6 +591,9 @@ impl Coordinator<'_, '_> {
                 Event::Failed(e) => Err(e),
             };
             if let Err(e) = step {
+                if let Some(epoch) = self.applying {
+                    return self.stop_broken(epoch, e);
+                }
                 return self.lose(e);
             }
         }
@@ -618,10 +627,7 @@ impl Coordinator<'_, '_> {
                 )
                 .map_err(link_err("a background round"))?;
         }
-        if let Some(st) = &self.state
-            && min >= st.round
-        {
-            let st = self.state.take().expect("checked above");
+        if let Some(st) = self.state.take_if(|st| min >= st.round) {
             self.complete(st)?;
         }
         Ok(())
@@ -703,11 +709,26 @@ impl Coordinator<'_, '_> {
             ),
             None => None,
         };
+        // A state this VM cannot take is refused before it is acknowledged:
+        // the checkpoint is then dropped like a half-received one.
+        let fingerprint = self.vm.fingerprint();
+        let (_, state) = vmm::snapshot::decode::<vmm::vm::VmState>(
+            msg.state,
+            &vmm::snapshot::Expected {
+                identity: Some(VmId(self.peer_id)),
+                fingerprint: Some(&fingerprint),
+            },
+        )
+        .map_err(|e| Error::Mismatch(crate::error_text(&e)))?;
+        self.vm
+            .check_state(&state)
+            .map_err(|e| Error::Mismatch(crate::error_text(&e)))?;
         self.state = Some(PendingState {
             epoch: msg.epoch,
             round: msg.round,
             digest,
-            state: msg.state.to_vec(),
+            state,
+            bytes: msg.state.len(),
         });
         self.progress()
     }
@@ -719,7 +740,9 @@ impl Coordinator<'_, '_> {
             .send(MsgType::ColoReceived, &wire::encode_u64s(&[st.epoch]))
             .map_err(link_err("a checkpoint"))?;
         // From here the checkpoint is the secondary's state: a primary
-        // lost now changes nothing of what follows.
+        // lost now changes nothing of what follows, and a failure to apply
+        // it leaves a VM that must not run.
+        self.applying = Some(st.epoch);
         let t = Instant::now();
         let mut staged = 0;
         for s in &self.shared.staging {
@@ -729,8 +752,8 @@ impl Coordinator<'_, '_> {
         }
         let apply = t.elapsed();
         let t = Instant::now();
-        vm.load_state_bytes(&st.state, Some(VmId(self.peer_id)))
-            .map_err(|e| Error::Mismatch(crate::error_text(&e)))?;
+        vm.load_state(st.state)
+            .map_err(vm_err("load the checkpoint's state"))?;
         if !self.ran {
             vm.set_identity(VmId(self.peer_id));
         }
@@ -769,6 +792,7 @@ impl Coordinator<'_, '_> {
         self.paused_for = None;
         self.digest_at_pause = None;
         self.epoch = st.epoch;
+        self.applying = None;
         let rss = super::process_rss_bytes();
         self.tx
             .send(
@@ -789,7 +813,7 @@ impl Coordinator<'_, '_> {
             load_ms: ms(load),
             staged_pages: staged,
             secondary_rss_bytes: rss,
-            state_bytes: st.state.len() as u64,
+            state_bytes: st.bytes as u64,
             digest,
             ..super::CheckpointInfo::default()
         });
@@ -803,6 +827,25 @@ impl Coordinator<'_, '_> {
         self.handle.set_state(State::Protected);
         tracing::info!("the secondary runs in step with the primary");
         Ok(())
+    }
+
+    /// A checkpoint acknowledged could not be applied, or (verify mode)
+    /// does not match the primary's: this VM's state cannot be trusted, so
+    /// it stays paused and replication ends with the error.
+    fn stop_broken(&mut self, epoch: u64, e: Error) -> Result<(), Error> {
+        let e = match e {
+            e @ Error::DigestMismatch { .. } => e,
+            other => Error::ApplyFailed {
+                epoch,
+                source: Box::new(other),
+            },
+        };
+        let text = crate::error_text(&e);
+        let _ = self.tx.send(MsgType::ColoAbort, &wire::encode_abort(&text));
+        tracing::error!("{text}; the secondary's VM stays stopped");
+        self.handle.update(|s| s.last_error = Some(text));
+        self.handle.set_state(State::Stopped);
+        Err(e)
     }
 
     /// First checkpoint loaded: give the devices their back ends and run.
@@ -845,10 +888,10 @@ impl Coordinator<'_, '_> {
     /// that is the end; after, a half-received checkpoint is dropped and
     /// the guest goes on from its own consistent state.
     fn lose(&mut self, e: Error) -> Result<(), Error> {
-        let text = crate::error_text(&e);
         if !self.ran {
-            return Err(e);
+            return Err(Error::LostBeforeRunning(Box::new(e)));
         }
+        let text = crate::error_text(&e);
         let _ = self.tx.send(MsgType::ColoAbort, &wire::encode_abort(&text));
         let mut staged = 0;
         for s in &self.shared.staging {
