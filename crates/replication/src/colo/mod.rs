@@ -757,6 +757,27 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Gives the calling thread real-time priority (`SCHED_FIFO`, the lowest
+/// level), if the process may. The threads that carry a checkpoint — the
+/// primary's replication thread and page senders, the secondary's
+/// receivers and coordinator — mostly sleep; when they wake, a checkpoint
+/// (and the paused guest) waits for them, so they must not queue behind
+/// the guests' vCPU threads, which keep every CPU busy when the host has
+/// few. Without the privilege (CAP_SYS_NICE) they keep normal priority.
+pub(crate) fn realtime_thread() {
+    static LOGGED: std::sync::Once = std::sync::Once::new();
+    let param = libc::sched_param { sched_priority: 1 };
+    // SAFETY: changes only the calling thread's scheduling policy; `param`
+    // is a valid sched_param.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        LOGGED.call_once(|| {
+            tracing::info!("replication threads keep normal priority: {e}");
+        });
+    }
+}
+
 /// This process's resident memory in bytes, from `/proc/self/statm`; 0 if
 /// it cannot be read.
 pub fn process_rss_bytes() -> u64 {

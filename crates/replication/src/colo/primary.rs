@@ -47,6 +47,7 @@ impl Counters {
 /// degraded) and the primary tries to reach a secondary again. Never
 /// pauses the guest for longer than one checkpoint.
 pub fn run_primary(vm: &Vm, peer: &str, params: &Params, handle: &Handle) {
+    super::realtime_thread();
     let mut was_protected = false;
     let mut reported_connect_error = false;
     while !handle.stopped() {
@@ -498,12 +499,12 @@ impl<'a> Session<'a> {
         residual.union_with(&self.pending);
         self.pending.clear();
         split.dirty_log_ms = ms(t.elapsed());
-        // The highest page: low ones may be rewritten with what they held.
-        let last = residual.pages().last();
         self.skipped = None;
         if let Some((Corrupt::SkipPage, from)) = self.corrupt
             && epoch >= from
-            && let Some(gpa) = last
+            // The highest page: low ones may be rewritten with what they
+            // held.
+            && let Some(gpa) = residual.pages().last()
         {
             let mut skip = residual.empty_like();
             skip.insert(gpa);
@@ -618,6 +619,7 @@ impl<'a> Session<'a> {
                 let h = std::thread::Builder::new()
                     .name(format!("colo-tx{i}"))
                     .spawn_scoped(s, move || {
+                        super::realtime_thread();
                         send_stripe(
                             vm, link, i as u16, channels, set, skip_zero, counters, abort, hooks,
                         )

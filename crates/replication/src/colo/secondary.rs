@@ -281,6 +281,7 @@ fn serve(
     begin: &wire::Begin,
 ) -> Result<(), Error> {
     handle.set_state(State::Syncing);
+    super::realtime_thread();
     // The RAM holds the kernel this VM loaded when it was built; the
     // primary sends every page that may be non-zero.
     vm.discard_ram().map_err(vm_err("clear guest RAM"))?;
@@ -315,7 +316,10 @@ fn serve(
             let shared = &shared;
             let h = std::thread::Builder::new()
                 .name(format!("colo-rx{i}"))
-                .spawn_scoped(s, move || receive(shared, link, i, &events))
+                .spawn_scoped(s, move || {
+                    super::realtime_thread();
+                    receive(shared, link, i, &events)
+                })
                 .map_err(Error::Thread);
             match h {
                 Ok(h) => handles.push(h),
