@@ -38,6 +38,10 @@ pub const HDR_LEN: usize = 12;
 pub const MAX_FRAME_LEN: usize = 65_536 + 18;
 /// Offset of `num_buffers` in the header.
 const NUM_BUFFERS_OFFSET: usize = 10;
+/// Transmit batches after which the device reads the back end without
+/// waiting for its fd (see [`NetHandler::after_send`]) is not tried again
+/// once such a read found nothing.
+const ANSWER_BACKOFF: u32 = 16;
 
 /// Where a network card's frames go and come from: a host tap device, or
 /// the replication proxy that decides when the guest's frames leave and
@@ -300,6 +304,9 @@ pub(crate) struct NetHandler {
     /// The back end returned an error: its fd is not watched again until
     /// the worker restarts (a tap that was deleted stays readable).
     backend_failed: bool,
+    /// Transmit batches to go before the device reads the back end right
+    /// after sending again ([`Self::after_send`]).
+    answer_skip: u32,
     tx_buf: Vec<u8>,
     /// The descriptor chain being processed (its buffers reused).
     chain: Chain,
@@ -328,6 +335,7 @@ impl NetHandler {
             pending: None,
             rx_notify: false,
             backend_failed: false,
+            answer_skip: 0,
             tx_buf: Vec::with_capacity(MAX_FRAME_LEN),
             chain: Chain::default(),
             warn: WarnLimit::new(),
@@ -433,6 +441,29 @@ impl NetHandler {
                 self.warn(format_args!("frame dropped: the back end refused it: {e}"));
             }
         }
+    }
+
+    /// After the guest's frames went to the back end: a tap runs the
+    /// host's network stack inside the write, which often answers at once
+    /// (an acknowledgement, the next segment of a stream), so one read now
+    /// finds that frame and saves the `epoll_wait` that would report it.
+    /// A read that finds nothing stops this for [`ANSWER_BACKOFF`]
+    /// transmit batches (a peer that answers later, such as a
+    /// request/response client, costs one read in that many). Returns
+    /// whether the guest must be interrupted.
+    fn after_send(&mut self) -> bool {
+        if self.pending.is_some() || self.backend_failed {
+            return false;
+        }
+        if self.answer_skip > 0 {
+            self.answer_skip -= 1;
+            return false;
+        }
+        let mut used = false;
+        if !self.receive_frame(&mut used) {
+            self.answer_skip = ANSWER_BACKOFF;
+        }
+        used && queue::needs_interrupt(&mut self.rx, &self.mem)
     }
 
     /// Takes one frame from the back end (called when its fd is readable)
@@ -635,7 +666,14 @@ impl QueueHandler for NetHandler {
         match index {
             // New receive buffers: a frame waiting may now go in.
             RX_QUEUE => self.deliver_pending(),
-            TX_QUEUE => self.process_tx(),
+            TX_QUEUE => {
+                let sent_before = self.tx.next_used();
+                let notify = self.process_tx();
+                if self.tx.next_used() == sent_before {
+                    return notify;
+                }
+                self.after_send() || notify
+            }
             _ => false,
         }
     }
@@ -938,6 +976,40 @@ pub(crate) mod tests {
         assert!(h.queue_notified(RX_QUEUE));
         assert_eq!(rxq.used_idx(), 2);
         assert!(h.backend_wanted());
+    }
+
+    #[test]
+    fn an_answer_to_a_sent_frame_is_read_at_once_and_misses_back_off() {
+        let mem = test_memory();
+        let backend = MockBackend::new();
+        let (mut h, rxq, txq) = handler(&mem, &backend);
+        for i in 0..4 {
+            rxq.set_desc(i, 0x200000 + u64::from(i) * 0x1000, 2048, F_WRITE, 0);
+            rxq.push_avail(i);
+        }
+        // The back end has an answer ready when the frame has gone: it is
+        // delivered with the transmit notification.
+        queue_tx(&mem, &txq, 0);
+        backend.inbox.lock().unwrap().push_back(frame(60, 1));
+        assert!(h.queue_notified(TX_QUEUE));
+        assert_eq!(rxq.used_idx(), 1);
+        assert_eq!(backend.recvs.load(Ordering::SeqCst), 1);
+        // No answer: one read finds nothing, and the next transmit batches
+        // do not read.
+        queue_tx(&mem, &txq, 1);
+        assert!(h.queue_notified(TX_QUEUE));
+        assert_eq!(backend.recvs.load(Ordering::SeqCst), 2);
+        for head in 2..2 + ANSWER_BACKOFF as u16 {
+            queue_tx(&mem, &txq, head % 16);
+            h.queue_notified(TX_QUEUE);
+        }
+        assert_eq!(backend.recvs.load(Ordering::SeqCst), 2);
+        queue_tx(&mem, &txq, 3);
+        h.queue_notified(TX_QUEUE);
+        assert_eq!(backend.recvs.load(Ordering::SeqCst), 3);
+        // A notification without frames to send reads nothing.
+        h.queue_notified(TX_QUEUE);
+        assert_eq!(backend.recvs.load(Ordering::SeqCst), 3);
     }
 
     #[test]
