@@ -3,7 +3,8 @@
 //! and 4 GiB guests, idle and with the test guest dirtying memory at fixed
 //! rates; the split of the downtime; and the page-transfer throughput of a
 //! guest with 512 MiB of data, next to the loopback TCP throughput measured
-//! in the same run (the physical limit here).
+//! in the same run, one loopback transfer before each of those migrations
+//! (the physical limit here, under the same load).
 //!
 //! `cargo bench -p twinvm --bench migration` prints a Markdown report and
 //! writes it into `docs/performance.md` between the `bench:migration`
@@ -158,7 +159,8 @@ struct Scenario {
 }
 
 /// Migrates a guest back and forth `n` times: each migration goes to a
-/// fresh `--incoming` process, which becomes the next source.
+/// fresh `--incoming` process, which becomes the next source. `before`
+/// runs before each migration.
 #[allow(clippy::too_many_arguments)]
 fn run_scenario(
     dir: &Path,
@@ -168,6 +170,7 @@ fn run_scenario(
     n: usize,
     port: &mut u16,
     prepare: impl FnOnce(&mut Vm),
+    mut before: impl FnMut(),
     args: &[&str],
 ) -> Scenario {
     let mut vm = Vm::spawn(dir, &format!("{name}-0"), gib, cmdline, None);
@@ -183,6 +186,7 @@ fn run_scenario(
         throughput: vec![],
     };
     for i in 1..=n {
+        before();
         *port += 1;
         let dest = Vm::spawn(dir, &format!("{name}-{i}"), gib, cmdline, Some(*port));
         let r = migrate(&vm, *port, args);
@@ -240,10 +244,19 @@ fn loopback(bytes: usize) -> f64 {
     got as f64 / start.elapsed().as_secs_f64()
 }
 
+/// The host's 1-minute load average (`/proc/loadavg`), or "?".
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
+    let load_before = load_average();
     let n: usize = std::env::var("TWINVM_BENCH_MIGRATIONS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -274,6 +287,7 @@ fn main() {
                 n,
                 &mut port,
                 |_| {},
+                || {},
                 &[],
             ));
         }
@@ -281,9 +295,10 @@ fn main() {
 
     // Throughput: 512 MiB of guest data, written by the guest (random
     // pages, three times over, so nearly every page holds data), then the
-    // guest is quiet while it migrates.
-    let mut loop_rates: Vec<f64> = (0..3).map(|_| loopback(2 << 30)).collect();
-    let loop_bw = median(&mut loop_rates);
+    // guest is quiet while it migrates. Loopback TCP is measured before
+    // each of these migrations, so that both see the host in the same
+    // state (other load on it changes both).
+    let mut loop_rates: Vec<f64> = Vec::new();
     let fill = |vm: &mut Vm| {
         vm.send("dirty 200000");
         vm.line(|l| {
@@ -306,10 +321,13 @@ fn main() {
             n.min(10),
             &mut port,
             fill,
+            || loop_rates.push(loopback(1 << 30)),
             &["--channels", &ch],
         );
         tput.push(s);
     }
+    let loop_runs = loop_rates.len();
+    let loop_bw = median(&mut loop_rates);
     let _ = std::fs::remove_dir_all(&dir);
 
     let mut table = String::from(
@@ -345,7 +363,7 @@ fn main() {
         split_table.push_str(&format!("| {} | {} |\n", s.name, cols.join(" | ")));
     }
     let mut tput_table = format!(
-        "| transfer | throughput (median) | share of loopback |\n|---|---|---|\n| loopback TCP, 1 stream (median of 3 × 2 GiB) | {:.0} MB/s | 100 % |\n",
+        "| transfer | throughput (median) | share of loopback |\n|---|---|---|\n| loopback TCP, 1 stream (median of {loop_runs} × 1 GiB, one before each migration below) | {:.0} MB/s | 100 % |\n",
         loop_bw / 1e6
     );
     for s in &mut tput {
@@ -362,15 +380,18 @@ fn main() {
          Command: `cargo bench -p twinvm --bench migration` ({n} migrations per scenario, each to a new \
          `twinvm run --incoming` process on 127.0.0.1, 1 vCPU, downtime budget 50 ms, 1 channel unless \
          stated). Downtime is measured by the source from pausing the guest until the destination \
-         reports it running; the dirtying rates are the test guest's `dirty_rate` over a 64 MiB area.\n\n\
+         reports it running; the dirtying rates are the test guest's `dirty_rate` over a 64 MiB area. \
+         Host load average (1 min) when the run started and ended: {load_before} and {load_after} \
+         (other work on the host competes with both migration processes for its CPUs).\n\n\
          {table}\n\
          Median split of the downtime, in ms (source: vCPU stop, dirty log, last pages, state save, \
          handover; destination: state transfer, state load, resume):\n\n\
          {split_table}\n\
          Page-transfer throughput of the pre-copy rounds (page contents moved per second) against \
-         loopback TCP measured in the same run:\n\n\
+         loopback TCP measured in the same run, alternating with these migrations:\n\n\
          {tput_table}",
         machine = report::machine_line(),
+        load_after = load_average(),
     );
     println!("{body}");
     write_docs_section("migration", &body);
