@@ -11,9 +11,10 @@ use crate::link::{Link, LinkError};
 
 /// Fills the memory `iov` describes from the link's stream, with as few
 /// `readv` calls as the data's arrival allows (at most 1024 buffers per
-/// call). The bytes are part of the payload of the frame whose header was
-/// read last ([`Link::recv_header`]); the caller has checked that they fit
-/// in it.
+/// call). The bytes are the next ones on the stream: part of the payload
+/// of the frame whose header was read last ([`Link::recv_header`]), or page
+/// data a migration source sends right after its frame; the caller has
+/// checked how many there are.
 ///
 /// # Safety
 ///

@@ -12,6 +12,7 @@
 
 use std::cell::Cell;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -206,15 +207,22 @@ impl Vcpu {
         let index = self.index;
         let (cmd_tx, cmd_rx) = channel();
         let (ack_tx, ack_rx) = channel();
+        let tid = Arc::new(AtomicI32::new(0));
+        let thread_tid = tid.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || self.thread_main(initial, cmd_rx, ack_tx))
+            .spawn(move || {
+                // SAFETY: gettid has no preconditions.
+                thread_tid.store(unsafe { libc::gettid() }, Ordering::SeqCst);
+                self.thread_main(initial, cmd_rx, ack_tx)
+            })
             .map_err(|e| VcpuError::Spawn(index, e))?;
         Ok(VcpuHandle {
             index,
             commands: cmd_tx,
             acks: ack_rx,
             thread: Some(thread),
+            tid,
         })
     }
 
@@ -237,6 +245,9 @@ impl Vcpu {
                             let _ = self.events.send(event);
                         }
                         let _ = acks.send(self.handle(request, &mut state));
+                        if state == VcpuState::Running {
+                            normal_priority();
+                        }
                         continue;
                     }
                     match self.run_once() {
@@ -251,6 +262,9 @@ impl Vcpu {
                 VcpuState::Paused | VcpuState::Stopped => match commands.recv() {
                     Ok(request) => {
                         let _ = acks.send(self.handle(request, &mut state));
+                        if state == VcpuState::Running {
+                            normal_priority();
+                        }
                     }
                     Err(_) => state = VcpuState::Exiting,
                 },
@@ -426,12 +440,38 @@ impl Vcpu {
     }
 }
 
+/// Puts the calling thread back to normal scheduling if a controller
+/// raised it ([`VcpuHandle::send`]): guest code never runs at real-time
+/// priority.
+fn normal_priority() {
+    // SAFETY: queries the calling thread's policy; no memory involved.
+    if unsafe { libc::sched_getscheduler(0) } == libc::SCHED_OTHER {
+        return;
+    }
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: changes only the calling thread's policy; `param` is valid.
+    unsafe {
+        libc::sched_setscheduler(0, libc::SCHED_OTHER, &param);
+    }
+}
+
+/// Whether the calling thread runs at real-time priority.
+fn caller_is_realtime() -> bool {
+    // SAFETY: queries the calling thread's policy; no memory involved.
+    matches!(
+        unsafe { libc::sched_getscheduler(0) },
+        libc::SCHED_FIFO | libc::SCHED_RR
+    )
+}
+
 /// The controller's side of a vCPU thread.
 pub struct VcpuHandle {
     index: u8,
     commands: Sender<VcpuRequest>,
     acks: Receiver<VcpuReply>,
     thread: Option<JoinHandle<()>>,
+    /// The thread's kernel id (0 until it has started).
+    tid: Arc<AtomicI32>,
 }
 
 impl VcpuHandle {
@@ -441,7 +481,23 @@ impl VcpuHandle {
     }
 
     /// Sends `request` and kicks the thread out of `KVM_RUN`.
+    ///
+    /// A controller at real-time priority (a checkpoint pausing the VM)
+    /// lends it to the vCPU thread first, so that the thread does not queue
+    /// behind other busy threads while the controller — and a paused
+    /// guest — wait for it; the thread drops back to normal priority
+    /// before it runs guest code again.
     pub fn send(&self, request: VcpuRequest) -> Result<(), VcpuError> {
+        let tid = self.tid.load(Ordering::SeqCst);
+        if tid != 0 && caller_is_realtime() {
+            let param = libc::sched_param { sched_priority: 1 };
+            // SAFETY: changes the scheduling policy of this vCPU's own
+            // thread (its id, recorded by the thread); `param` is valid.
+            // Failure leaves its priority as it was.
+            unsafe {
+                libc::sched_setscheduler(tid, libc::SCHED_FIFO, &param);
+            }
+        }
         if self.commands.send(request).is_err() {
             // The thread is gone; nothing left to command.
             return Ok(());

@@ -599,3 +599,61 @@ fn a_page_digest_names_the_written_page() {
     }
     power_off(&vm);
 }
+
+/// Scheduling policy (0 normal, 1 FIFO) of this process's thread named
+/// `name`, from /proc.
+fn thread_policy(name: &str) -> Option<u32> {
+    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+        // Fields after the ")" that ends the command name; policy is the 41st.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        return rest.split_whitespace().nth(38)?.parse().ok();
+    }
+    None
+}
+
+#[test]
+fn a_realtime_controller_lends_its_priority_to_vcpus_only_while_they_are_paused() {
+    if !kvm_available() {
+        return;
+    }
+    let vm = Vm::new(&config(SPIN, 64 << 20, Vec::new(), Vec::new()), quiet()).unwrap();
+    vm.start().unwrap();
+    assert_eq!(thread_policy("vcpu0"), Some(0));
+    let lent = std::thread::scope(|s| {
+        s.spawn(|| {
+            let param = libc::sched_param { sched_priority: 1 };
+            // SAFETY: changes only this test thread's policy.
+            if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } != 0 {
+                return None;
+            }
+            vm.pause().unwrap();
+            let paused = thread_policy("vcpu0");
+            vm.resume().unwrap();
+            Some(paused)
+        })
+        .join()
+        .unwrap()
+    });
+    let Some(paused) = lent else {
+        eprintln!("SKIPPED: no privilege for real-time priority");
+        power_off(&vm);
+        return;
+    };
+    assert_eq!(
+        paused,
+        Some(1),
+        "the paused vCPU thread had the controller's priority"
+    );
+    // Back to guest code at normal priority.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while thread_policy("vcpu0") != Some(0) {
+        assert!(std::time::Instant::now() < deadline, "vCPU still real-time");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    power_off(&vm);
+}
