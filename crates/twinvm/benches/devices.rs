@@ -5,13 +5,21 @@
 //! process's per-thread accounting, and the split of the process's CPU
 //! between the vCPU thread (the guest, emulated) and everything else.
 //!
+//! A tap runs the host's network stack inside the write that hands it a
+//! frame, so part of the network device thread's CPU is the host's. After
+//! each network run the bench runs the same phase against a plain process
+//! on a tap of its own (see [`peer`]) and measures what its writes cost;
+//! the report splits the device thread's CPU per frame into its tap writes
+//! at that cost and the rest, twinvm's own.
+//!
 //! `cargo bench -p twinvm --bench devices` (as root: it creates a network
 //! namespace with a tap, removed afterwards) prints a Markdown report and
 //! writes it into `docs/performance.md` between the `bench:devices`
 //! markers. Environment:
 //! - `TWINVM_BENCH_RUNS`: runs of each TCP throughput measurement (default 5);
 //! - `TWINVM_BENCH_NET_KB`: KiB moved per run (default 256);
-//! - `TWINVM_BENCH_REQUESTS`: request/response round trips (default 1000);
+//! - `TWINVM_BENCH_REQUESTS`: request/response round trips, over as many
+//!   runs as the throughput measurements (default 1000);
 //! - `TWINVM_BENCH_DISK_RUNS`: boots running the disk benchmark (default 3);
 //! - `TWINVM_BENCH_DISK_MB`: MiB each disk benchmark writes and reads (default 32).
 
@@ -1232,17 +1240,26 @@ fn main() {
         net_rows.push((name, results));
         plain.push(plain_results);
     }
-    let before = vm.sample();
-    let mut rtt = ns.run_in(move || latency(requests));
-    let after = vm.sample();
-    let rtt_delta = vm.delta(&before, &after);
-    plain.push(vec![plain_ctx.run(
-        "request/response",
-        &rtt_delta,
-        net_len,
-        plain_requests,
-        &expect,
-    )]);
+    // Request/response in as many runs as the others, each followed by
+    // its plain process run.
+    let per_run = (requests / runs).max(1);
+    let plain_per_run = (plain_requests / runs).max(1);
+    let mut rtt = Vec::new();
+    let mut rtt_runs = Vec::new();
+    let mut plain_rtt = Vec::new();
+    for _ in 0..runs {
+        let before = vm.sample();
+        rtt.extend(ns.run_in(move || latency(per_run)));
+        let after = vm.sample();
+        let delta = vm.delta(&before, &after);
+        plain_rtt.push(plain_ctx.run("request/response", &delta, net_len, plain_per_run, &expect));
+        rtt_runs.push(delta);
+    }
+    plain.push(plain_rtt);
+    let mut rtt_delta = Delta::default();
+    for d in &rtt_runs {
+        rtt_delta.add(d);
+    }
     drop(plain_ctx);
     eprintln!("request/response done");
     vm.vm.send_line("net");
@@ -1302,12 +1319,15 @@ fn main() {
         rtt[rtt.len() - 1]
     ));
     cpu_rows.push(CpuRow {
-        phase: format!("request/response, {} round trips", rtt.len()),
+        phase: format!("request/response, {runs} × {per_run} round trips"),
         device: Role::Net,
         units: rtt_delta.tap_frames,
         unit: "frame",
         delta: rtt_delta.clone(),
-        per_run: Vec::new(),
+        per_run: rtt_runs
+            .iter()
+            .map(|d| us_per_unit(d, Role::Net, d.tap_frames))
+            .collect(),
     });
 
     let mib = |requests: u64, ticks: u64| {
@@ -1450,7 +1470,7 @@ fn main() {
     let net_deltas: Vec<Vec<&Delta>> = net_rows
         .iter()
         .map(|(_, results)| results.iter().map(|r| &r.delta).collect())
-        .chain([vec![&rtt_delta]])
+        .chain([rtt_runs.iter().collect()])
         .collect();
     let range = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
@@ -1518,7 +1538,7 @@ fn main() {
          |---|---|---|---|---|---|---|---|\n\
          {cpu}\n\
          Guest counters at the end of the network runs: `{net_line}`, `{bulk_line}`.\n\n\
-         The host's share. After each network run, the same run (request/response: at most {PLAIN_REQUESTS} round trips) \
+         The host's share. After each network run, the same run (request/response: {plain_per_run} round trips) \
          against a plain process on a tap of its own, set up like the guest's in a namespace like the bench's: a minimal \
          TCP endpoint at the guest's addresses that serves like the test guest (MSS option only, 8 KiB window and send \
          buffer, every segment answered at once) and takes for each frame it receives the time the guest took on \
