@@ -197,69 +197,16 @@ fn accept_channels(
     peer: &Peer,
     begin: &wire::Begin,
 ) -> Result<Vec<Link>, Error> {
-    let want = usize::from(begin.channels) - 1;
-    let mut links: Vec<Option<Link>> = (0..want).map(|_| None).collect();
-    let deadline = Instant::now() + params.connect_timeout;
-    let mut joined = 0;
-    while joined < want {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || !crate::pageio::wait_readable(listener, left) {
-            return Err(Error::Protocol(format!(
-                "only {joined} of {want} extra channels connected within {:?}",
-                params.connect_timeout
-            )));
-        }
-        let (stream, addr) = match listener.accept() {
-            Ok(v) => v,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(source) => {
-                return Err(Error::Listen {
-                    addr: String::new(),
-                    source,
-                });
-            }
-        };
-        let join = || -> Result<(Link, wire::Join), Error> {
-            let mut link = Link::from_stream(stream, link_config(params))
-                .map_err(link_err("channel setup"))?;
-            handshake::server(&mut link, &handshake_config(vm, params, Some(peer.vm_id)))
-                .map_err(Error::Handshake)?;
-            let f = link.recv().map_err(link_err("channel setup"))?;
-            if f.msg_type() != MsgType::MigJoin {
-                return Err(Error::Protocol(format!(
-                    "expected MigJoin, got {:?}",
-                    f.msg_type()
-                )));
-            }
-            Ok((link, wire::Join::decode(&f.payload).map_err(protocol)?))
-        };
-        match join() {
-            Ok((link, j)) if j.session == begin.session => {
-                let slot = usize::from(j.index)
-                    .checked_sub(1)
-                    .and_then(|i| links.get_mut(i))
-                    .filter(|s| s.is_none());
-                match slot {
-                    Some(slot) => {
-                        *slot = Some(link);
-                        joined += 1;
-                    }
-                    None => {
-                        return Err(Error::Protocol(format!(
-                            "channel index {} is invalid or joined twice",
-                            j.index
-                        )));
-                    }
-                }
-            }
-            Ok(_) => tracing::warn!("refused a migration channel from {addr}: another session"),
-            Err(e) => tracing::warn!(
-                "refused a migration channel from {addr}: {}",
-                crate::error_text(&e)
-            ),
-        }
-    }
-    Ok(links.into_iter().flatten().collect())
+    crate::pageio::accept_channels(
+        listener,
+        begin,
+        params.connect_timeout,
+        "a migration channel",
+        &link_config(params),
+        &handshake_config(vm, params, Some(peer.vm_id)),
+        MsgType::MigJoin,
+    )
+    .map_err(Error::Protocol)
 }
 
 /// Reads the payload of a non-page message (bounded by the link's

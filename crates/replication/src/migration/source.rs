@@ -3,7 +3,6 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use std::os::fd::AsRawFd;
 
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{GuestAddress, GuestMemoryBackend, VolatileMemory, VolatileSlice};
@@ -12,9 +11,9 @@ use vmm::memory::DirtyBitmap;
 
 use super::wire::{self, PAGE_SIZE};
 use super::{DowntimeSplit, Error, Params, Phase, ProgressHandle, Report, link_err, ms, vm_err};
-use crate::frame::{FrameError, MsgType};
+use crate::frame::MsgType;
 use crate::handshake::{self, HandshakeConfig, Role};
-use crate::link::{Link, LinkConfig, LinkError};
+use crate::link::{Link, LinkConfig};
 
 /// Bandwidth assumed until a round has moved enough data to measure it.
 const ASSUMED_BANDWIDTH: f64 = 100e6;
@@ -627,7 +626,7 @@ fn flush(
             // memory, and no Rust reference to it exists: the guest may
             // write it meanwhile, which at worst sends bytes that a later
             // round replaces (see `send_stripe`).
-            unsafe { write_iovecs(link, &mut batch.iov) }
+            unsafe { crate::pageio::write_from_iovecs(link, &mut batch.iov) }
         })
         .map_err(link_err("page transfer"));
     batch.clear();
@@ -640,46 +639,5 @@ fn flush(
         .fetch_add((head_bytes + data) as u64, Ordering::Relaxed);
     let (pages, zero, _) = counters.get();
     super::maybe_die(die_after, pages + zero);
-    Ok(())
-}
-
-/// Writes all the memory `iov` describes to the link's stream, with as
-/// few `writev` calls as the socket takes it in (at most 1024 buffers per
-/// call). The bytes follow the frame sent last, which announces them.
-///
-/// # Safety
-///
-/// Every iovec must describe memory that is valid for reads of `iov_len`
-/// bytes for the whole call.
-unsafe fn write_iovecs(link: &Link, iov: &mut [libc::iovec]) -> Result<(), LinkError> {
-    let fd = link.stream().as_raw_fd();
-    let mut first = 0;
-    while first < iov.len() {
-        let rest = &mut iov[first..];
-        let count = rest.len().min(1024) as libc::c_int;
-        // SAFETY: the caller guarantees each iovec (or the remainder of
-        // one, after a partial write below) is readable for its length;
-        // writev reads at most iov_len bytes from each and writes none.
-        let n = unsafe { libc::writev(fd, rest.as_ptr(), count) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(FrameError::from_io(e).into());
-        }
-        let mut n = n as usize;
-        while n > 0 && first < iov.len() {
-            let v = &mut iov[first];
-            if n >= v.iov_len {
-                n -= v.iov_len;
-                first += 1;
-            } else {
-                v.iov_base = v.iov_base.cast::<u8>().wrapping_add(n).cast();
-                v.iov_len -= n;
-                n = 0;
-            }
-        }
-    }
     Ok(())
 }
