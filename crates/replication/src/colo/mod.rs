@@ -53,9 +53,9 @@ use crate::link::LinkError;
 
 /// Default checkpoint interval. The pause hardly depends on it (every
 /// checkpoint follows a background round), so it trades the share of time
-/// the guest is paused (about 2 ms per checkpoint at 20 MB/s of dirtying,
-/// 1 % at 200 ms) against the secondary's staging memory, which grows
-/// with the pages dirtied per interval; see docs/performance.md.
+/// the guest is paused (under 1 ms per checkpoint, so well under 1 % at
+/// 200 ms) against the secondary's staging memory, which grows with the
+/// pages dirtied per interval; see docs/performance.md.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(200);
 /// Shortest and longest checkpoint interval accepted.
 pub const INTERVAL_RANGE: std::ops::RangeInclusive<Duration> =
