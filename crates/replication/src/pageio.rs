@@ -193,3 +193,47 @@ pub(crate) fn accept_channels(
     }
     Ok(links.into_iter().flatten().collect())
 }
+
+/// Runs `send(index, link)` for every channel at once: on the calling
+/// thread if there is one channel, else on one scoped thread per channel
+/// (named `{name}{index}`). Returns the first channel's error in index
+/// order. A thread that cannot be started sets `abort`, so that the
+/// others stop early; it and a thread that panicked are reported through
+/// `thread_failed` (with the start error, if any).
+pub(crate) fn on_every_channel<E: Send>(
+    links: &mut [Link],
+    name: &str,
+    abort: &std::sync::atomic::AtomicBool,
+    thread_failed: impl Fn(Option<std::io::Error>) -> E,
+    send: impl Fn(usize, &mut Link) -> Result<(), E> + Sync,
+) -> Result<(), E> {
+    if let [link] = links {
+        return send(0, link);
+    }
+    let send = &send;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = links
+            .iter_mut()
+            .enumerate()
+            .map(|(i, link)| {
+                std::thread::Builder::new()
+                    .name(format!("{name}{i}"))
+                    .spawn_scoped(s, move || send(i, link))
+            })
+            .collect();
+        let mut first = Ok(());
+        for h in handles {
+            let r = match h {
+                Ok(h) => h.join().unwrap_or_else(|_| Err(thread_failed(None))),
+                Err(e) => {
+                    abort.store(true, std::sync::atomic::Ordering::SeqCst);
+                    Err(thread_failed(Some(e)))
+                }
+            };
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    })
+}

@@ -599,51 +599,21 @@ impl<'a> Session<'a> {
         let vm = self.vm;
         let counters = &self.counters;
         let abort = &self.abort;
-        if channels == 1 {
-            return send_stripe(
-                vm,
-                &mut self.links[0],
-                0,
-                1,
-                set,
-                skip_zero,
-                counters,
-                abort,
-                &hooks,
-            );
-        }
-        std::thread::scope(|s| {
-            let mut handles = Vec::new();
-            for (i, link) in self.links.iter_mut().enumerate() {
-                let hooks = &hooks;
-                let h = std::thread::Builder::new()
-                    .name(format!("colo-tx{i}"))
-                    .spawn_scoped(s, move || {
-                        super::realtime_thread();
-                        send_stripe(
-                            vm, link, i as u16, channels, set, skip_zero, counters, abort, hooks,
-                        )
-                    })
-                    .map_err(Error::Thread);
-                handles.push(h);
-            }
-            let mut first = Ok(());
-            for h in handles {
-                let r = match h {
-                    Ok(h) => h.join().unwrap_or_else(|_| {
-                        Err(Error::Protocol("a channel thread panicked".into()))
-                    }),
-                    Err(e) => {
-                        abort.store(true, Ordering::SeqCst);
-                        Err(e)
-                    }
-                };
-                if first.is_ok() {
-                    first = r;
+        crate::pageio::on_every_channel(
+            &mut self.links,
+            "colo-tx",
+            abort,
+            thread_failed,
+            |i, link| {
+                if channels > 1 {
+                    // A thread of its own: the pause waits for it too.
+                    super::realtime_thread();
                 }
-            }
-            first
-        })
+                send_stripe(
+                    vm, link, i as u16, channels, set, skip_zero, counters, abort, &hooks,
+                )
+            },
+        )
     }
 }
 
@@ -739,4 +709,12 @@ fn corrupt_batch(link: &mut Link, kind: Corrupt) -> Result<(), Error> {
         }
     }
     .map_err(link_err("page transfer"))
+}
+
+/// A page-sending thread that could not start (with why) or panicked.
+fn thread_failed(start: Option<std::io::Error>) -> Error {
+    match start {
+        Some(e) => Error::Thread(e),
+        None => Error::Protocol("a channel thread panicked".into()),
+    }
 }

@@ -439,48 +439,17 @@ impl Run<'_> {
         let vm = self.vm;
         let counters = &self.counters;
         let abort = &self.abort;
-        if channels == 1 {
-            return send_stripe(
-                vm,
-                &mut self.links[0],
-                0,
-                1,
-                set,
-                skip_zero,
-                counters,
-                abort,
-            );
-        }
-        std::thread::scope(|s| {
-            let mut handles = Vec::new();
-            for (i, link) in self.links.iter_mut().enumerate() {
-                let h = std::thread::Builder::new()
-                    .name(format!("migrate-tx{i}"))
-                    .spawn_scoped(s, move || {
-                        send_stripe(
-                            vm, link, i as u16, channels, set, skip_zero, counters, abort,
-                        )
-                    })
-                    .map_err(Error::Thread);
-                handles.push(h);
-            }
-            let mut first = Ok(());
-            for h in handles {
-                let r = match h {
-                    Ok(h) => h.join().unwrap_or_else(|_| {
-                        Err(Error::Protocol("a channel thread panicked".into()))
-                    }),
-                    Err(e) => {
-                        abort.store(true, Ordering::SeqCst);
-                        Err(e)
-                    }
-                };
-                if first.is_ok() {
-                    first = r;
-                }
-            }
-            first
-        })
+        crate::pageio::on_every_channel(
+            &mut self.links,
+            "migrate-tx",
+            abort,
+            thread_failed,
+            |i, link| {
+                send_stripe(
+                    vm, link, i as u16, channels, set, skip_zero, counters, abort,
+                )
+            },
+        )
     }
 }
 
@@ -639,4 +608,12 @@ fn flush(
     let (pages, zero, _) = counters.get();
     super::maybe_die(die_after, pages + zero);
     Ok(())
+}
+
+/// A page-sending thread that could not start (with why) or panicked.
+fn thread_failed(start: Option<std::io::Error>) -> Error {
+    match start {
+        Some(e) => Error::Thread(e),
+        None => Error::Protocol("a channel thread panicked".into()),
+    }
 }
