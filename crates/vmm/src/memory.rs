@@ -184,6 +184,17 @@ impl DirtyBitmap {
         }
     }
 
+    /// Number of pages in `self` ∪ `other` (same slots as for
+    /// [`Self::union_with`]), without building the union.
+    pub fn union_count(&self, other: &DirtyBitmap) -> usize {
+        self.slots
+            .iter()
+            .zip(&other.slots)
+            .flat_map(|((_, a), (_, b))| a.iter().zip(b))
+            .map(|(x, y)| (x | y).count_ones() as usize)
+            .sum()
+    }
+
     /// Removes every page of `other` (`self` \= `other`); same slots as
     /// for [`Self::union_with`].
     pub fn subtract(&mut self, other: &DirtyBitmap) {
@@ -483,7 +494,9 @@ mod tests {
         assert!(!e.insert(GuestAddress(1 << 40)));
         assert_eq!(e.slots[0].1, vec![0b0010, 0b10]);
         let mut u = e.clone();
+        assert_eq!(e.union_count(&a), 4);
         u.union_with(&a);
+        assert_eq!(u.count(), 4);
         assert_eq!(u.slots[0].1, vec![0b0110, 0b10]);
         assert_eq!(u.slots[1].1, vec![1]);
         u.subtract(&e);

@@ -342,9 +342,7 @@ impl<'a> Session<'a> {
     fn background_round(&mut self) -> Result<bool, Error> {
         let mut set = self.vm.take_dirty().map_err(vm_err("read the dirty log"))?;
         set.union_with(&self.pending);
-        let mut after = set.clone();
-        after.union_with(&self.staged);
-        if after.count() as u64 * PAGE_SIZE as u64 > self.staging_limit {
+        if set.union_count(&self.staged) as u64 * PAGE_SIZE as u64 > self.staging_limit {
             self.pending = set;
             return Ok(false);
         }
