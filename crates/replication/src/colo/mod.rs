@@ -644,6 +644,19 @@ impl Handle {
 
     /// Records a completed checkpoint in the status.
     fn record(&self, info: &CheckpointInfo) {
+        if lock(&self.0.status).role == ColoRole::Secondary {
+            // The pause is the primary's: the secondary counts checkpoints
+            // and keeps what it measured itself.
+            self.update(|s| {
+                s.checkpoints += 1;
+                s.secondary_rss_bytes = info.secondary_rss_bytes;
+                if info.digest.is_some() {
+                    s.verified_checkpoints += 1;
+                }
+                s.last_checkpoint = Some(info.clone());
+            });
+            return;
+        }
         let stats = {
             let mut pauses = lock(&self.0.pauses);
             if pauses.len() == PAUSE_HISTORY {
@@ -925,6 +938,20 @@ mod tests {
         assert_eq!(&s.pause_histogram.count[2..7], &[1, 1, 2, 4, 2]);
         assert_eq!(s.pause_histogram.count.iter().sum::<u64>(), 10);
         assert_eq!(s.slowest_checkpoint.unwrap().epoch, 10);
+        // A secondary counts checkpoints but has no pauses of its own.
+        let sec = Handle::new(ColoRole::Secondary, "x", &Params::default());
+        sec.record(&CheckpointInfo {
+            epoch: 1,
+            secondary_rss_bytes: 7,
+            ..CheckpointInfo::default()
+        });
+        let s = sec.status();
+        assert_eq!(
+            (s.checkpoints, s.pause.count, s.secondary_rss_bytes),
+            (1, 0, 7)
+        );
+        assert_eq!(s.pause_histogram.count.iter().sum::<u64>(), 0);
+        assert!(s.slowest_checkpoint.is_none());
     }
 
     #[test]
