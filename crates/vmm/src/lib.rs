@@ -6,6 +6,7 @@ pub mod arch;
 pub mod devices;
 pub mod digest;
 pub mod memory;
+mod page_bitmap;
 pub mod snapshot;
 #[cfg(test)]
 pub(crate) mod testing;

@@ -3,20 +3,21 @@
 //!
 //! Every slot is registered with `KVM_MEM_LOG_DIRTY_PAGES`, so KVM records the
 //! pages the guest writes. Writes the VMM itself makes into guest memory
-//! (loading a kernel, device DMA) go through vm-memory, whose `AtomicBitmap`
-//! records them. [`GuestRam::take_dirty`] returns the union of both and
+//! (loading a kernel, device DMA) go through vm-memory, whose bitmap
+//! ([`PageBitmap`]) records them. [`GuestRam::take_dirty`] returns the union of both and
 //! resets them: that union is the exact set of pages changed since the last
 //! call, which live migration and checkpoints rely on.
 
 use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
 use kvm_ioctls::VmFd;
-use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
+pub use crate::page_bitmap::PageBitmap;
+
 /// Guest memory as twinvm uses it: mmap-backed, with a VMM-side dirty bitmap.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<PageBitmap>;
 /// One region of [`GuestMemoryMmap`].
-pub type GuestRegionMmap = vm_memory::GuestRegionMmap<AtomicBitmap>;
+pub type GuestRegionMmap = vm_memory::GuestRegionMmap<PageBitmap>;
 
 /// Size of a guest page as tracked by the dirty log.
 pub const PAGE_SIZE: u64 = 4096;
@@ -226,7 +227,7 @@ impl GuestRam {
         let mut regions = Vec::new();
         for (addr, len) in ram_ranges(size)? {
             let len_usize = usize::try_from(len).map_err(|_| MemoryError::InvalidSize(size))?;
-            let map = vm_memory::MmapRegion::<AtomicBitmap>::new(len_usize)
+            let map = vm_memory::MmapRegion::<PageBitmap>::new(len_usize)
                 .map_err(|source| MemoryError::Allocate { size, source })?;
             regions.push(GuestRegionMmap::new(map, addr).ok_or(MemoryError::Layout)?);
         }
@@ -286,10 +287,7 @@ impl GuestRam {
             let mut words = vm
                 .get_dirty_log(slot, len)
                 .map_err(|source| MemoryError::DirtyLog { slot, source })?;
-            let vmm_words = vm_memory::MmapRegion::bitmap(region).get_and_reset();
-            for (w, v) in words.iter_mut().zip(vmm_words) {
-                *w |= v;
-            }
+            vm_memory::MmapRegion::bitmap(region).drain_into(&mut words);
             slots.push((region.start_addr(), words));
         }
         Ok(DirtyBitmap { slots })
@@ -600,7 +598,7 @@ mod tests {
         let region = mem.iter().next().unwrap();
         assert!(
             vm_memory::MmapRegion::bitmap(region)
-                .get_and_reset()
+                .take_words()
                 .iter()
                 .all(|&w| w == 0)
         );
@@ -617,7 +615,7 @@ mod tests {
         let file = vmm_sys_util::tempfile::TempFile::new().unwrap();
         file.as_file().set_len(1 << 20).unwrap();
         let offset = vm_memory::FileOffset::new(file.as_file().try_clone().unwrap(), 0);
-        let region = vm_memory::MmapRegion::<AtomicBitmap>::from_file(offset, 1 << 20).unwrap();
+        let region = vm_memory::MmapRegion::<PageBitmap>::from_file(offset, 1 << 20).unwrap();
         let mem = GuestMemoryMmap::from_regions(vec![
             GuestRegionMmap::new(region, GuestAddress(0)).unwrap(),
         ])

@@ -13,7 +13,7 @@
 //!
 //! Every byte a device writes into guest memory — used-ring entries,
 //! received frames, data read from a disk, status bytes, disk IDs — goes
-//! through vm-memory, whose `AtomicBitmap` marks the page dirty.
+//! through vm-memory, whose bitmap (`memory::PageBitmap`) marks the page dirty.
 
 pub mod block;
 pub mod discard;

@@ -22,7 +22,7 @@ pub fn take_dirty_pages(mem: &GuestMemoryMmap) -> Vec<u64> {
     let mut pages = Vec::new();
     for region in mem.iter() {
         let base = region.start_addr().0;
-        let words = vm_memory::MmapRegion::bitmap(region).get_and_reset();
+        let words = vm_memory::MmapRegion::bitmap(region).take_words();
         for (i, w) in words.iter().enumerate() {
             for bit in 0..64 {
                 if w & (1 << bit) != 0 {
