@@ -9,10 +9,14 @@
 //!
 //! Scenarios: guest RAM × dirty rate × checkpoint interval. For each, the
 //! bench waits for the primary to report `protected`, notes its status,
-//! waits for at least `TWINVM_BENCH_COLO_CHECKPOINTS` more checkpoints
+//! waits for at least `TWINVM_BENCH_COLO_CHECKPOINTS` more checkpoints, and
+//! for at least a minute's worth of them (600 at 100 ms intervals), so that
+//! a p99 rests on several pauses rather than on the second-slowest one
 //! (sampling the secondary's VmRSS every 100 ms and the guest's counter
 //! lines for its achieved dirty rate), notes the status again and powers
-//! both off. Window figures are the difference of the two status reports;
+//! both off. The 1 GiB and 4 GiB runs of one rate and interval go back to
+//! back, so that a change in the machine's load between them is as small
+//! as it can be. Window figures are the difference of the two status reports;
 //! the `pause` percentiles are the status's own (its last 4096 checkpoints,
 //! which include the one that ended the initial sync).
 //!
@@ -59,6 +63,8 @@ const SPLIT: [&str; 7] = [
 const BUCKETS_MS: [f64; 10] = [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
 /// Checkpoints per scenario below which nothing is written into docs/.
 const DOCS_MIN_CHECKPOINTS: u64 = 200;
+/// Least span of checkpoints per scenario, whatever the count asked for.
+const MIN_WINDOW_MS: u64 = 60_000;
 /// Longest wait for a process's API socket, and for a power-off.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -810,7 +816,8 @@ fn report(outcomes: &[Outcome], n: u64) -> String {
          --listen 127.0.0.1:PORT` and a primary `twinvm run --role primary --peer 127.0.0.1:PORT` of the test \
          guest with `--cmdline dirty_rate=R` — random 4 KiB pages over all of guest RAM —, 1 vCPU, no network \
          devices, 1 page channel, default staging limit (an eighth of guest RAM); per scenario, at least {n} \
-         checkpoints from the moment the pair is protected).\n\n\
+         checkpoints and at least {min_window} s of them from the moment the pair is protected; the 1 GiB and \
+         4 GiB runs of each rate and interval back to back).\n\n\
          Pauses are the primary's: from stopping its guest to resuming it. *Pause mean* is exact over the \
          measured checkpoints (the difference of the status's running means at the start and the end). \
          *p50*, *p99* and *max* are the primary's status at the end: its last 4096 checkpoints, which \
@@ -838,6 +845,7 @@ fn report(outcomes: &[Outcome], n: u64) -> String {
          {qemu}",
         machine = machine_line(),
         date = date_utc(),
+        min_window = MIN_WINDOW_MS / 1000,
     )
 }
 
@@ -1023,19 +1031,21 @@ fn main() {
     let n = env_list("TWINVM_BENCH_COLO_CHECKPOINTS", "200")[0].max(1);
     let setup = Setup::new();
     let mut outcomes = Vec::new();
-    for &gib in &sizes {
-        for &rate in &rates {
-            for &interval_ms in &intervals {
+    for &rate in &rates {
+        for &interval_ms in &intervals {
+            for &gib in &sizes {
                 let shape = Shape {
                     gib,
                     rate,
                     interval_ms,
                 };
-                outcomes.push(run(&setup, shape, n));
+                let count = n.max(MIN_WINDOW_MS.div_ceil(interval_ms.max(1)));
+                outcomes.push(run(&setup, shape, count));
             }
         }
     }
     drop(setup);
+    outcomes.sort_by_key(|o| (o.shape.gib, o.shape.rate, o.shape.interval_ms));
 
     let body = report(&outcomes, n);
     println!("{body}");
