@@ -4,7 +4,9 @@
 //! rates; the split of the downtime; and the page-transfer throughput of a
 //! guest with 512 MiB of data, next to the loopback TCP throughput measured
 //! in the same run, one loopback transfer before each of those migrations
-//! (the physical limit here, under the same load).
+//! (the physical limit here, under the same load) — with destinations that
+//! allocate guest RAM as pages arrive (the default) and with destinations
+//! started with `--prefault`.
 //!
 //! `cargo bench -p twinvm --bench migration` prints a Markdown report and
 //! writes it into `docs/performance.md` between the `bench:migration`
@@ -47,7 +49,15 @@ struct Vm {
 }
 
 impl Vm {
-    fn spawn(dir: &Path, name: &str, gib: u64, cmdline: &str, incoming: Option<u16>) -> Vm {
+    /// `extra` goes on a destination's command line.
+    fn spawn(
+        dir: &Path,
+        name: &str,
+        gib: u64,
+        cmdline: &str,
+        incoming: Option<u16>,
+        extra: &[&str],
+    ) -> Vm {
         let file: String = name
             .chars()
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
@@ -57,7 +67,8 @@ impl Vm {
         cmd.args(["run", "--memory", &format!("{gib}G"), "--cmdline", cmdline])
             .args(["--api-socket", socket.to_str().expect("UTF-8 path")]);
         if let Some(port) = incoming {
-            cmd.args(["--incoming", &format!("127.0.0.1:{port}")]);
+            cmd.args(["--incoming", &format!("127.0.0.1:{port}")])
+                .args(extra);
         }
         let mut child = cmd
             .stdin(Stdio::piped())
@@ -160,7 +171,8 @@ struct Scenario {
 
 /// Migrates a guest back and forth `n` times: each migration goes to a
 /// fresh `--incoming` process, which becomes the next source. `before`
-/// runs before each migration.
+/// runs before each migration. `args` go into the `migrate` request,
+/// `dest_args` on each destination's command line.
 #[allow(clippy::too_many_arguments)]
 fn run_scenario(
     dir: &Path,
@@ -172,8 +184,9 @@ fn run_scenario(
     prepare: impl FnOnce(&mut Vm),
     mut before: impl FnMut(),
     args: &[&str],
+    dest_args: &[&str],
 ) -> Scenario {
-    let mut vm = Vm::spawn(dir, &format!("{name}-0"), gib, cmdline, None);
+    let mut vm = Vm::spawn(dir, &format!("{name}-0"), gib, cmdline, None, &[]);
     vm.line(|l| l.starts_with("counter="));
     prepare(&mut vm);
     let mut s = Scenario {
@@ -188,7 +201,14 @@ fn run_scenario(
     for i in 1..=n {
         before();
         *port += 1;
-        let dest = Vm::spawn(dir, &format!("{name}-{i}"), gib, cmdline, Some(*port));
+        let dest = Vm::spawn(
+            dir,
+            &format!("{name}-{i}"),
+            gib,
+            cmdline,
+            Some(*port),
+            dest_args,
+        );
         let r = migrate(&vm, *port, args);
         vm.wait_exit();
         s.downtime.push(f(&r, "downtime_ms"));
@@ -289,6 +309,7 @@ fn main() {
                 |_| {},
                 || {},
                 &[],
+                &[],
             ));
         }
     }
@@ -311,20 +332,28 @@ fn main() {
         vm.line(|l| l == "dirty_rate=0");
     };
     let mut tput = Vec::new();
-    for channels in [1u16, 2] {
-        let ch = channels.to_string();
-        let s = run_scenario(
-            &dir,
-            &format!("1 GiB, 512 MiB of data, {channels} channel(s)"),
-            1,
-            "dirty_rate=0 dirty_mb=512",
-            n.min(10),
-            &mut port,
-            fill,
-            || loop_rates.push(loopback(1 << 30)),
-            &["--channels", &ch],
-        );
-        tput.push(s);
+    for prefault in [false, true] {
+        for channels in [1u16, 2] {
+            let ch = channels.to_string();
+            let (label, dest_args): (&str, &[&str]) = if prefault {
+                (", destination --prefault", &["--prefault"])
+            } else {
+                ("", &[])
+            };
+            let s = run_scenario(
+                &dir,
+                &format!("1 GiB, 512 MiB of data, {channels} channel(s){label}"),
+                1,
+                "dirty_rate=0 dirty_mb=512",
+                n.min(10),
+                &mut port,
+                fill,
+                || loop_rates.push(loopback(1 << 30)),
+                &["--channels", &ch],
+                dest_args,
+            );
+            tput.push(s);
+        }
     }
     let loop_runs = loop_rates.len();
     let loop_bw = median(&mut loop_rates);

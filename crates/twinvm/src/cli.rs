@@ -145,6 +145,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_memory_arg, allow_hyphen_values = true)]
     pub memory: Option<u64>,
 
+    /// Allocate all of guest RAM when the VM is built, instead of page by
+    /// page as the guest first touches it: the host's memory is committed
+    /// at once, and nothing later waits for the host to allocate a page
+    /// (e.g. pages arriving in a live migration).
+    #[arg(long)]
+    pub prefault: bool,
+
     /// Number of vCPUs, 1 to 255 (KVM may allow fewer) [default: 1]
     #[arg(long, value_name = "N", value_parser = parse_cpus_arg, allow_hyphen_values = true)]
     pub cpus: Option<u8>,
@@ -498,6 +505,7 @@ mod tests {
             "1G",
             "--cpus",
             "4",
+            "--prefault",
             "--net",
             "tap=tap0,mac=52:54:00:12:34:56",
             "--net",
@@ -517,6 +525,7 @@ mod tests {
         assert_eq!(a.cmdline.as_deref(), Some("console=ttyS0 quiet"));
         assert_eq!(a.memory, Some(1 << 30));
         assert_eq!(a.cpus, Some(4));
+        assert!(a.prefault);
         assert_eq!(a.config, Some(PathBuf::from("vm.toml")));
         assert_eq!(a.api_socket, Some(PathBuf::from("/run/vm.sock")));
         assert_eq!(

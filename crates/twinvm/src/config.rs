@@ -8,6 +8,7 @@
 //! kernel = "path/to/bzImage"
 //! initrd = "path/to/initramfs.cpio.gz"
 //! cmdline = "extra args"
+//! prefault = false             # allocate all of guest RAM up front
 //!
 //! [[net]]                      # one table per network device
 //! tap = "tap0"
@@ -571,6 +572,8 @@ pub struct VmSection {
     pub initrd: Option<PathBuf>,
     /// Extra kernel command line.
     pub cmdline: Option<String>,
+    /// Allocate all of guest RAM up front.
+    pub prefault: Option<bool>,
 }
 
 /// One `[[net]]` table.
@@ -975,6 +978,7 @@ pub fn merge(
         } else {
             args.disk.clone()
         },
+        prefault: args.prefault || file.prefault.unwrap_or(false),
     })
 }
 
@@ -1009,9 +1013,11 @@ mod tests {
             kernel = "/boot/bzImage"
             initrd = "/boot/initrd.gz"
             cmdline = "quiet loglevel=3"
+            prefault = true
             "#,
         )
         .expect("valid file");
+        assert_eq!(f.vm.prefault, Some(true));
         assert_eq!(f.vm.memory, Some(MemorySize(512 << 20)));
         assert_eq!(f.vm.cpus, Some(Cpus(2)));
         assert_eq!(f.vm.kernel, Some(PathBuf::from("/boot/bzImage")));
@@ -1030,7 +1036,25 @@ mod tests {
             assert!(c.initrd.is_none());
             assert_eq!(c.cmdline, "");
             assert!(c.net.is_empty() && c.disks.is_empty());
+            assert!(!c.prefault);
         }
+    }
+
+    #[test]
+    fn prefault_from_the_file_or_the_flag() {
+        let on = |text: &str, flag: bool| {
+            let args = RunArgs {
+                prefault: flag,
+                ..RunArgs::default()
+            };
+            merge(parse(text).expect(text), &args, GUEST)
+                .expect("valid")
+                .prefault
+        };
+        assert!(on("[vm]\nprefault = true\n", false));
+        assert!(on("", true));
+        assert!(!on("[vm]\nprefault = false\n", false));
+        assert!(parse_err("[vm]\nprefault = 1\n").contains("expected a boolean"));
     }
 
     #[test]

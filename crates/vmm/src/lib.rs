@@ -48,6 +48,9 @@ pub struct VmConfig {
     pub net: Vec<NetConfig>,
     /// Block devices, in the order the guest sees them.
     pub disks: Vec<DiskConfig>,
+    /// Allocate all of guest RAM when the VM is built instead of page by
+    /// page as it is first touched ([`memory::GuestRam::prefault`]).
+    pub prefault: bool,
 }
 
 /// A virtio-net device backed by a host tap device.

@@ -74,6 +74,17 @@ pub enum MemoryError {
         #[source]
         source: std::io::Error,
     },
+    /// The host could not allocate guest pages up front.
+    #[error(
+        "cannot allocate the guest memory region at {addr:#x} up front (prefault needs Linux 5.14 or later and enough free host memory)"
+    )]
+    Prefault {
+        /// The region's guest address.
+        addr: u64,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// KVM could not return a dirty log.
     #[error("cannot read KVM's dirty log of slot {slot}")]
     DirtyLog {
@@ -217,6 +228,8 @@ impl DirtyBitmap {
 /// Guest RAM registered with a KVM VM.
 pub struct GuestRam {
     mem: GuestMemoryMmap,
+    /// Every page was allocated up front ([`GuestRam::prefault`]).
+    prefaulted: std::sync::atomic::AtomicBool,
 }
 
 impl GuestRam {
@@ -250,7 +263,27 @@ impl GuestRam {
                 }
             })?;
         }
-        Ok(GuestRam { mem })
+        Ok(GuestRam {
+            mem,
+            prefaulted: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// Allocates every page of guest RAM now, on all host CPUs
+    /// ([`prefault`]), so that no access by the guest or the VMM later
+    /// waits for the host to allocate and zero a page. The contents do not
+    /// change. From then on [`GuestRam::discard`] zeroes pages in place
+    /// rather than giving them back, so RAM stays allocated.
+    pub fn prefault(&self) -> Result<(), MemoryError> {
+        prefault(&self.mem)?;
+        self.prefaulted
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Whether [`GuestRam::prefault`] allocated every page.
+    pub fn is_prefaulted(&self) -> bool {
+        self.prefaulted.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The guest memory, for reads and writes by the VMM (tracked as dirty).
@@ -263,11 +296,18 @@ impl GuestRam {
         self.mem.iter().map(|r| r.len()).sum()
     }
 
-    /// Returns every page to the untouched state ([`discard`]). Nothing
-    /// may run in the guest or write guest memory meanwhile (the VM is
-    /// paused).
+    /// Makes every page read as zeros: returns them to the untouched
+    /// state ([`discard`]), or, on prefaulted RAM, zeroes the pages that
+    /// are not zero in place ([`zero_in_place`]). Either way the VMM-side
+    /// dirty bitmap is cleared. Nothing may run in the guest or write guest
+    /// memory meanwhile (the VM is paused).
     pub fn discard(&self) -> Result<(), MemoryError> {
-        discard(&self.mem)
+        if self.is_prefaulted() {
+            zero_in_place(&self.mem);
+            Ok(())
+        } else {
+            discard(&self.mem)
+        }
     }
 
     /// The pages that may hold something other than zeros
@@ -357,6 +397,86 @@ pub fn discard(mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
         vm_memory::MmapRegion::bitmap(region).reset();
     }
     Ok(())
+}
+
+/// Bytes one [`prefault`] call allocates: small enough to spread a region
+/// over several threads, large enough that the calls cost nothing.
+const PREFAULT_CHUNK: usize = 64 << 20;
+
+/// Allocates every page of `mem` (`madvise(MADV_POPULATE_WRITE)`, chunk by
+/// chunk on up to one thread per host CPU). Contents do not change: pages
+/// present keep theirs, absent ones become the zero pages they read as.
+pub fn prefault(mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // (region's guest address, host address, length) of every chunk.
+    let chunks: Vec<(u64, usize, usize)> = mem
+        .iter()
+        .flat_map(|region| {
+            let (host, size) = (region.as_ptr() as usize, region.size());
+            let addr = region.start_addr().raw_value();
+            (0..size)
+                .step_by(PREFAULT_CHUNK)
+                .map(move |off| (addr, host + off, PREFAULT_CHUNK.min(size - off)))
+        })
+        .collect();
+    let next = AtomicUsize::new(0);
+    let work = || -> Result<(), MemoryError> {
+        while let Some(&(addr, host, len)) = chunks.get(next.fetch_add(1, Ordering::Relaxed)) {
+            // SAFETY: the range lies inside one live mapping owned by `mem`
+            // (a chunk of a region, as mapped). MADV_POPULATE_WRITE only
+            // fills in page tables as a write fault would, without writing:
+            // contents do not change. No Rust reference into guest memory
+            // exists (vm-memory reaches it through volatile copies).
+            let r =
+                unsafe { libc::madvise(host as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) };
+            if r != 0 {
+                return Err(MemoryError::Prefault {
+                    addr,
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+        }
+        Ok(())
+    };
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(chunks.len())
+        .max(1);
+    std::thread::scope(|s| {
+        let helpers: Vec<_> = (1..threads).map(|_| s.spawn(work)).collect();
+        let mut result = work();
+        for h in helpers {
+            let r = h.join().unwrap_or(Ok(()));
+            result = result.and(r);
+        }
+        result
+    })
+}
+
+/// Makes every page of `mem` read as zeros without giving any back: a page
+/// that is not all zeros is overwritten with zeros. Clears the VMM-side
+/// dirty bitmap. Nothing may write `mem` meanwhile (the VM is paused).
+pub fn zero_in_place(mem: &GuestMemoryMmap) {
+    use vm_memory::Bytes;
+    static ZERO: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
+    let mut page = [0u8; PAGE_SIZE as usize];
+    for region in mem.iter() {
+        let pages = region.len() / PAGE_SIZE;
+        for p in 0..pages {
+            let addr = vm_memory::MemoryRegionAddress(p * PAGE_SIZE);
+            // Whole pages inside the region: neither call can fail.
+            if region.read_slice(&mut page, addr).is_err() {
+                continue;
+            }
+            let nonzero = page
+                .chunks_exact(16)
+                .any(|c| u128::from_ne_bytes(c.try_into().unwrap_or_default()) != 0);
+            if nonzero {
+                let _ = region.write_slice(&ZERO, addr);
+            }
+        }
+        vm_memory::MmapRegion::bitmap(region).reset();
+    }
 }
 
 /// Every page of `mem`, as a [`DirtyBitmap`].
@@ -608,6 +728,39 @@ mod tests {
         // And it is usable again.
         mem.write_obj(7u32, GuestAddress(4096)).unwrap();
         assert_eq!(mem.read_obj::<u32>(GuestAddress(4096)).unwrap(), 7);
+    }
+
+    #[test]
+    fn prefault_allocates_every_page_and_zeroing_keeps_them() {
+        use vm_memory::Bytes;
+        let size = 48 << 20;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).unwrap();
+        let pages = size as u64 / PAGE_SIZE;
+        assert_eq!(populated_pages(&mem).count(), 0);
+        mem.write_obj(0x1234_5678u32, GuestAddress(5 * PAGE_SIZE))
+            .unwrap();
+        prefault(&mem).unwrap();
+        // Every page is there, and what was written is kept.
+        assert_eq!(populated_pages(&mem).count() as u64, pages);
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress(5 * PAGE_SIZE)).unwrap(),
+            0x1234_5678
+        );
+        // Zeroing in place leaves every page allocated and every byte zero.
+        mem.write_obj(7u8, GuestAddress(size as u64 - 1)).unwrap();
+        zero_in_place(&mem);
+        assert_eq!(populated_pages(&mem).count() as u64, pages);
+        let mut back = vec![0xffu8; size];
+        mem.read_slice(&mut back, GuestAddress(0)).unwrap();
+        assert!(back.iter().all(|&b| b == 0));
+        // The VMM-side dirty bitmap is clear.
+        let region = mem.iter().next().unwrap();
+        assert!(
+            vm_memory::MmapRegion::bitmap(region)
+                .take_words()
+                .iter()
+                .all(|&w| w == 0)
+        );
     }
 
     #[test]

@@ -84,6 +84,7 @@ pub(crate) fn config(
         cmdline: String::new(),
         net,
         disks,
+        prefault: false,
     }
 }
 

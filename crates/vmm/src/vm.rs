@@ -339,6 +339,9 @@ impl Vm {
             .map_err(|e| Error::Kvm("create the in-kernel PIT", e))?;
 
         let ram = GuestRam::new(&vm_fd, config.memory_bytes)?;
+        if config.prefault {
+            ram.prefault()?;
+        }
         let mem = ram.memory();
         let kernel = load_kernel(mem, &config.kernel)?;
         let low_ram_end = config.memory_bytes.min(MMIO_HOLE_START);
@@ -785,6 +788,12 @@ impl Vm {
             return Err(Error::NotPaused);
         }
         Ok(self.ram.discard()?)
+    }
+
+    /// Whether all of guest RAM was allocated when the VM was built
+    /// ([`VmConfig::prefault`]).
+    pub fn ram_prefaulted(&self) -> bool {
+        self.ram.is_prefaulted()
     }
 
     /// The pages of guest RAM that may hold something other than zeros:

@@ -576,9 +576,9 @@ fn receive(
 
     let sync = RoundSync::new(usize::from(begin.channels));
     // With a core to spare per channel, each channel gets a helper that
-    // faults its pages in (see `Populator`).
+    // faults its pages in (see `Populator`); prefaulted RAM needs none.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let helped = cores > usize::from(begin.channels);
+    let helped = cores > usize::from(begin.channels) && !vm.ram_prefaulted();
     let populators: Vec<Populator> = (0..begin.channels).map(|_| Populator::new()).collect();
     let (state_frame, transfer) = std::thread::scope(|s| {
         let _stop = StopHelpers(&populators);

@@ -160,6 +160,7 @@ mod tests {
                 readonly: true,
                 serial: None,
             }],
+            prefault: false,
         }
     }
 

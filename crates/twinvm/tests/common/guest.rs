@@ -26,6 +26,7 @@ pub fn guest_config(memory: u64, cmdline: &str) -> VmConfig {
         cmdline: cmdline.into(),
         net: Vec::new(),
         disks: Vec::new(),
+        prefault: false,
     }
 }
 

@@ -49,6 +49,7 @@ fn a_guest_notification_reaches_the_disk_worker_through_kvm() {
             readonly: false,
             serial: Some("kvm-disk".into()),
         }],
+        prefault: false,
     };
     let console = Console {
         output: Box::new(std::io::sink()),
@@ -155,6 +156,7 @@ fn a_missing_disk_fails_before_kvm_is_touched() {
             readonly: false,
             serial: None,
         }],
+        prefault: false,
     };
     let console = Console {
         output: Box::new(std::io::sink()),
