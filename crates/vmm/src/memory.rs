@@ -129,11 +129,15 @@ impl DirtyBitmap {
 
     /// Guest addresses of the pages in the set, in ascending order.
     pub fn pages(&self) -> impl Iterator<Item = GuestAddress> + '_ {
-        // Set bits only, lowest first: empty words cost one test each.
+        // Set bits only, lowest first. Empty words are skipped eight at a
+        // time (one vectorized test per 64 bytes of bitmap): a sparse set
+        // over a large RAM is walked at memory speed.
         self.slots.iter().flat_map(|(base, words)| {
             words
-                .iter()
+                .chunks(8)
                 .enumerate()
+                .filter(|(_, chunk)| chunk.iter().fold(0, |a, w| a | w) != 0)
+                .flat_map(|(c, chunk)| chunk.iter().enumerate().map(move |(j, w)| (c * 8 + j, w)))
                 .filter(|(_, w)| **w != 0)
                 .flat_map(move |(i, &word)| {
                     let mut rest = word;
@@ -157,6 +161,29 @@ impl DirtyBitmap {
                 .and_then(|page| words.get((page / 64) as usize).map(|w| (w, page % 64)))
                 .is_some_and(|(w, bit)| w & (1u64 << bit) != 0)
         })
+    }
+
+    /// Whether some slot of the set covers the page holding `addr`: a
+    /// page that [`Self::insert`] would take.
+    pub fn covers(&self, addr: GuestAddress) -> bool {
+        self.slots.iter().any(|(base, words)| {
+            addr.checked_offset_from(*base)
+                .is_some_and(|off| off / PAGE_SIZE / 64 < words.len() as u64)
+        })
+    }
+
+    /// Removes the page holding `addr`, if it is in the set.
+    pub fn remove(&mut self, addr: GuestAddress) {
+        for (base, words) in &mut self.slots {
+            if let Some(w) = addr
+                .checked_offset_from(*base)
+                .map(|off| off / PAGE_SIZE)
+                .and_then(|page| words.get_mut((page / 64) as usize).map(|w| (w, page % 64)))
+            {
+                *w.0 &= !(1u64 << w.1);
+                return;
+            }
+        }
     }
 
     /// An empty set over the same slots as `self`.
@@ -622,6 +649,47 @@ mod tests {
         assert_eq!(u.count(), 2);
         u.clear();
         assert_eq!(u.count(), 0);
+        // Coverage and removal.
+        assert!(a.covers(GuestAddress(127 * 4096 + 7)));
+        assert!(a.covers(GuestAddress(MMIO_HOLE_END + 63 * 4096)));
+        assert!(!a.covers(GuestAddress(128 * 4096)));
+        assert!(!a.covers(GuestAddress(MMIO_HOLE_END + 64 * 4096)));
+        let mut r = a.clone();
+        r.remove(GuestAddress(2 * 4096 + 9));
+        r.remove(GuestAddress(3 * 4096)); // not in the set
+        r.remove(GuestAddress(1 << 40)); // outside every slot
+        assert_eq!(r.slots[0].1, vec![0b0010, 0]);
+        assert_eq!(r.count(), 2);
+    }
+
+    #[test]
+    fn pages_of_a_sparse_set_come_in_order() {
+        let words = 1000;
+        let mut b = DirtyBitmap {
+            slots: vec![
+                (GuestAddress(0), vec![0; words]),
+                (GuestAddress(MMIO_HOLE_END), vec![0; 3]),
+            ],
+        };
+        let mut want = Vec::new();
+        for page in [
+            0u64,
+            63,
+            64,
+            511,
+            512,
+            7 * 64 + 5,
+            9 * 64 + 1,
+            999 * 64 + 63,
+        ] {
+            assert!(b.insert(GuestAddress(page * 4096)));
+            want.push(page * 4096);
+        }
+        assert!(b.insert(GuestAddress(MMIO_HOLE_END + 130 * 4096)));
+        want.sort_unstable();
+        want.push(MMIO_HOLE_END + 130 * 4096);
+        let got: Vec<u64> = b.pages().map(|a| a.0).collect();
+        assert_eq!(got, want);
     }
 
     #[test]

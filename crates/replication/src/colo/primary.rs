@@ -110,8 +110,13 @@ struct Session<'a> {
     epoch: u64,
     /// Rounds of pages sent (background and checkpoint).
     round: u64,
-    /// Pages the secondary reported dirty, to send in the next round.
-    pending: DirtyBitmap,
+    /// Pages to send in the next round besides what the guest dirtied:
+    /// those the secondary reported dirty (checked to lie in guest RAM),
+    /// or a round's pages held back for the checkpoint. A list, not a
+    /// bitmap, so that what the pause does with it costs in proportion to
+    /// its length rather than to the size of guest RAM; it may repeat a
+    /// page.
+    pending: Vec<u64>,
     /// Pages sent since the last checkpoint: what the secondary stages.
     staged: DirtyBitmap,
     /// This epoch's background figures.
@@ -203,7 +208,7 @@ impl<'a> Session<'a> {
             abort: AtomicBool::new(false),
             epoch: 0,
             round: 0,
-            pending: empty.clone(),
+            pending: Vec::new(),
             staged: empty,
             epoch_bg_pages: 0,
             epoch_bg_bytes: 0,
@@ -253,7 +258,7 @@ impl<'a> Session<'a> {
             let (_, before) = self.counters.get();
             // The secondary's RAM starts zeroed: the first round skips
             // zero pages.
-            self.send_pages(&set, n == 1, false)?;
+            self.send_pages(PageSet::Bitmap(&set), n == 1, false)?;
             self.end_round()?;
             let (_, after) = self.counters.get();
             let moved = after - before;
@@ -271,7 +276,7 @@ impl<'a> Session<'a> {
                 break;
             }
         }
-        self.pending.union_with(&set);
+        self.pending.extend(set.pages().map(|gpa| gpa.0));
         self.staged.clear();
         let info = self.checkpoint(Trigger::Sync)?;
         tracing::info!(
@@ -341,14 +346,16 @@ impl<'a> Session<'a> {
     /// the checkpoint the caller takes at once.
     fn background_round(&mut self) -> Result<bool, Error> {
         let mut set = self.vm.take_dirty().map_err(vm_err("read the dirty log"))?;
-        set.union_with(&self.pending);
+        for &gpa in &self.pending {
+            set.insert(GuestAddress(gpa));
+        }
         if set.union_count(&self.staged) as u64 * PAGE_SIZE as u64 > self.staging_limit {
-            self.pending = set;
+            self.pending = set.pages().map(|gpa| gpa.0).collect();
             return Ok(false);
         }
         self.pending.clear();
         let (p0, b0) = self.counters.get();
-        self.send_pages(&set, false, false)?;
+        self.send_pages(PageSet::Bitmap(&set), false, false)?;
         let ack = self.end_round()?;
         let (p1, b1) = self.counters.get();
         self.staged.union_with(&set);
@@ -368,12 +375,13 @@ impl<'a> Session<'a> {
     /// Adds pages the secondary reported to those to send next.
     fn take_report(&mut self, pages: &[u64]) -> Result<(), Error> {
         for &gpa in pages {
-            if !self.pending.insert(GuestAddress(gpa)) {
+            if gpa % PAGE_SIZE as u64 != 0 || !self.staged.covers(GuestAddress(gpa)) {
                 return Err(Error::Protocol(format!(
                     "the secondary reported page {gpa:#x}, outside guest RAM"
                 )));
             }
         }
+        self.pending.extend_from_slice(pages);
         self.epoch_svm_pages += pages.len() as u64;
         Ok(())
     }
@@ -494,7 +502,9 @@ impl<'a> Session<'a> {
         let (p0, b0) = self.counters.get();
         let t = Instant::now();
         let mut residual = vm.take_dirty().map_err(vm_err("read the dirty log"))?;
-        residual.union_with(&self.pending);
+        for &gpa in &self.pending {
+            residual.insert(GuestAddress(gpa));
+        }
         self.pending.clear();
         split.dirty_log_ms = ms(t.elapsed());
         self.skipped = None;
@@ -504,15 +514,13 @@ impl<'a> Session<'a> {
             // held.
             && let Some(gpa) = residual.pages().last()
         {
-            let mut skip = residual.empty_like();
-            skip.insert(gpa);
-            residual.subtract(&skip);
+            residual.remove(gpa);
             self.skipped = Some(gpa.0);
             tracing::error!("{}: leaving page {:#x} out", super::CORRUPT_ENV, gpa.0);
         }
 
         let t = Instant::now();
-        self.send_pages(&residual, false, true)?;
+        self.send_pages(PageSet::Bitmap(&residual), false, true)?;
         let send1 = t.elapsed();
         let t = Instant::now();
         let b = self.expect(MsgType::ColoSvmDirty, "a checkpoint")?;
@@ -530,15 +538,14 @@ impl<'a> Session<'a> {
             .filter(|&p| Some(p) != self.skipped)
             .collect();
         self.take_report(&svm)?;
-        let mut extra = std::mem::replace(&mut self.pending, residual.empty_like());
-        extra.subtract(&residual);
-        if let Some(gpa) = self.skipped {
-            let mut skip = residual.empty_like();
-            skip.insert(GuestAddress(gpa));
-            extra.subtract(&skip);
-        }
+        // What the secondary reported and the residual did not carry, in
+        // ascending order (as every page batch is), once each.
         let t = Instant::now();
-        self.send_pages(&extra, false, true)?;
+        let mut extra = std::mem::take(&mut self.pending);
+        extra.retain(|&gpa| !residual.contains(GuestAddress(gpa)) && Some(gpa) != self.skipped);
+        extra.sort_unstable();
+        extra.dedup();
+        self.send_pages(PageSet::List(&extra), false, true)?;
         self.round += 1;
         self.mark_round_end()?;
         split.page_send_ms = ms(send1 + t.elapsed());
@@ -580,7 +587,7 @@ impl<'a> Session<'a> {
     /// `in_pause` arms the test hooks.
     fn send_pages(
         &mut self,
-        set: &DirtyBitmap,
+        set: PageSet<'_>,
         skip_zero: bool,
         in_pause: bool,
     ) -> Result<(), Error> {
@@ -615,6 +622,24 @@ impl<'a> Session<'a> {
     }
 }
 
+/// Pages to send, in ascending order: a bitmap, or a sorted list without
+/// repeats.
+#[derive(Clone, Copy)]
+enum PageSet<'s> {
+    Bitmap(&'s DirtyBitmap),
+    List(&'s [u64]),
+}
+
+impl PageSet<'_> {
+    /// The pages' guest addresses, lowest first.
+    fn iter(&self) -> Box<dyn Iterator<Item = u64> + '_> {
+        match self {
+            PageSet::Bitmap(b) => Box::new(b.pages().map(|gpa| gpa.0)),
+            PageSet::List(l) => Box::new(l.iter().copied()),
+        }
+    }
+}
+
 /// The test hooks in force for one `send_pages`.
 struct Hooks {
     die: Option<(u64, u64)>,
@@ -631,7 +656,7 @@ fn send_stripe(
     link: &mut Link,
     index: u16,
     channels: u16,
-    set: &DirtyBitmap,
+    set: PageSet<'_>,
     skip_zero: bool,
     counters: &Counters,
     abort: &AtomicBool,
@@ -663,8 +688,7 @@ fn send_stripe(
         super::maybe_die(hooks.die, hooks.epoch, pages - hooks.base);
         Ok(())
     };
-    for gpa in set.pages() {
-        let gpa = gpa.0;
+    for gpa in set.iter() {
         if channels > 1 && channel_of(gpa, channels) != index {
             continue;
         }
