@@ -785,17 +785,7 @@ mod tests {
             "resident pages {before} before, {after} after"
         );
         assert_eq!(populated_pages(&mem).count(), 0);
-        // The VMM-side dirty bitmap is clear.
-        let region = mem.iter().next().unwrap();
-        assert!(
-            vm_memory::MmapRegion::bitmap(region)
-                .take_words()
-                .iter()
-                .all(|&w| w == 0)
-        );
-        let mut back = vec![0xffu8; size];
-        mem.read_slice(&mut back, GuestAddress(0)).unwrap();
-        assert!(back.iter().all(|&b| b == 0));
+        assert_zeros_and_clean(&mem);
         // And it is usable again.
         mem.write_obj(7u32, GuestAddress(4096)).unwrap();
         assert_eq!(mem.read_obj::<u32>(GuestAddress(4096)).unwrap(), 7);
@@ -821,17 +811,24 @@ mod tests {
         mem.write_obj(7u8, GuestAddress(size as u64 - 1)).unwrap();
         zero_in_place(&mem);
         assert_eq!(populated_pages(&mem).count() as u64, pages);
-        let mut back = vec![0xffu8; size];
-        mem.read_slice(&mut back, GuestAddress(0)).unwrap();
-        assert!(back.iter().all(|&b| b == 0));
-        // The VMM-side dirty bitmap is clear.
-        let region = mem.iter().next().unwrap();
-        assert!(
-            vm_memory::MmapRegion::bitmap(region)
-                .take_words()
-                .iter()
-                .all(|&w| w == 0)
-        );
+        assert_zeros_and_clean(&mem);
+    }
+
+    /// Every byte of `mem` reads zero and its VMM-side dirty bitmap is
+    /// clear.
+    fn assert_zeros_and_clean(mem: &GuestMemoryMmap) {
+        use vm_memory::Bytes;
+        for region in mem.iter() {
+            let mut back = vec![0xffu8; region.len() as usize];
+            mem.read_slice(&mut back, region.start_addr()).unwrap();
+            assert!(back.iter().all(|&b| b == 0));
+            assert!(
+                vm_memory::MmapRegion::bitmap(region)
+                    .take_words()
+                    .iter()
+                    .all(|&w| w == 0)
+            );
+        }
     }
 
     #[test]
