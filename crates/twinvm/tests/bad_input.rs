@@ -1111,13 +1111,15 @@ fn secondary_whose_primary_dies_before_the_first_checkpoint() {
         &addr,
     ]);
     // The primary is killed (as a host failure would end it) in the
-    // middle of the first checkpoint: the secondary's guest never ran.
+    // middle of the first checkpoint, as its pause starts sending pages
+    // (it may have none to send: protection starts as the guest boots):
+    // the secondary's guest never ran.
     let mut primary = Command::new(twinvm_bin());
     primary
         .args([
             "run", "--memory", "64M", "--role", "primary", "--peer", &addr,
         ])
-        .env(replication::colo::DIE_ENV, "primary:1:1");
+        .env(replication::colo::DIE_ENV, "primary:1:0");
     let (status, _, stderr) = run_command_to_exit(primary, TIMEOUT);
     assert_eq!(status.code(), None, "the primary was not killed: {stderr}");
     let status = secondary.wait_exit(TIMEOUT).unwrap();

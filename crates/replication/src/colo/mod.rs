@@ -813,8 +813,9 @@ pub fn process_rss_bytes() -> u64 {
 ///
 /// `TWINVM_TEST_COLO_DIE=<side>:<epoch>:<pages>`: the primary (`side` =
 /// `primary`) dies after sending `pages` pages inside the pause of
-/// checkpoint `epoch` (or of the first later one with that many pages);
-/// the secondary (`secondary`) after receiving `pages` pages of such a
+/// checkpoint `epoch` (or of the first later one with that many pages;
+/// with `pages` = 0, as soon as the pause starts sending, even a pause
+/// with nothing to send); the secondary (`secondary`) after receiving `pages` pages of such a
 /// pause.
 pub const DIE_ENV: &str = "TWINVM_TEST_COLO_DIE";
 

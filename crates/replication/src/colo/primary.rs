@@ -601,6 +601,9 @@ impl<'a> Session<'a> {
             epoch,
             base: self.counters.get().0,
         };
+        // A hook for 0 pages fires before anything is sent, even when
+        // there is nothing to send.
+        super::maybe_die(hooks.die, epoch, 0);
         let vm = self.vm;
         let counters = &self.counters;
         let abort = &self.abort;
