@@ -4,9 +4,10 @@
 //! Every slot is registered with `KVM_MEM_LOG_DIRTY_PAGES`, so KVM records the
 //! pages the guest writes. Writes the VMM itself makes into guest memory
 //! (loading a kernel, device DMA) go through vm-memory, whose bitmap
-//! ([`PageBitmap`]) records them. [`GuestRam::take_dirty`] returns the union of both and
-//! resets them: that union is the exact set of pages changed since the last
-//! call, which live migration and checkpoints rely on.
+//! ([`PageBitmap`]) records them. [`GuestRam::take_dirty`] returns the
+//! union of both and resets them: that union is the exact set of pages
+//! changed since the last call, which live migration and checkpoints rely
+//! on.
 
 use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
 use kvm_ioctls::VmFd;
@@ -470,10 +471,23 @@ pub fn prefault(mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
         .min(chunks.len())
         .max(1);
     std::thread::scope(|s| {
-        let helpers: Vec<_> = (1..threads).map(|_| s.spawn(work)).collect();
+        // A helper that cannot start leaves its share to the others.
+        let helpers: Vec<_> = (1..threads)
+            .filter_map(|i| {
+                std::thread::Builder::new()
+                    .name(format!("prefault{i}"))
+                    .spawn_scoped(s, work)
+                    .ok()
+            })
+            .collect();
         let mut result = work();
         for h in helpers {
-            let r = h.join().unwrap_or(Ok(()));
+            let r = h.join().unwrap_or_else(|_| {
+                Err(MemoryError::Prefault {
+                    addr: 0,
+                    source: std::io::Error::other("a prefault thread panicked"),
+                })
+            });
             result = result.and(r);
         }
         result
