@@ -235,16 +235,6 @@ impl DirtyBitmap {
             .sum()
     }
 
-    /// Removes every page of `other` (`self` \= `other`); same slots as
-    /// for [`Self::union_with`].
-    pub fn subtract(&mut self, other: &DirtyBitmap) {
-        for ((_, a), (_, b)) in self.slots.iter_mut().zip(&other.slots) {
-            for (x, y) in a.iter_mut().zip(b) {
-                *x &= !y;
-            }
-        }
-    }
-
     /// Removes every page.
     pub fn clear(&mut self) {
         for (_, words) in &mut self.slots {
@@ -661,9 +651,6 @@ mod tests {
         assert_eq!(u.count(), 4);
         assert_eq!(u.slots[0].1, vec![0b0110, 0b10]);
         assert_eq!(u.slots[1].1, vec![1]);
-        u.subtract(&e);
-        assert_eq!(u.slots[0].1, vec![0b0100, 0]);
-        assert_eq!(u.count(), 2);
         u.clear();
         assert_eq!(u.count(), 0);
         // Coverage and removal.

@@ -815,8 +815,8 @@ pub fn process_rss_bytes() -> u64 {
 /// `primary`) dies after sending `pages` pages inside the pause of
 /// checkpoint `epoch` (or of the first later one with that many pages;
 /// with `pages` = 0, as soon as the pause starts sending, even a pause
-/// with nothing to send); the secondary (`secondary`) after receiving `pages` pages of such a
-/// pause.
+/// with nothing to send); the secondary (`secondary`) after receiving
+/// `pages` pages of such a pause.
 pub const DIE_ENV: &str = "TWINVM_TEST_COLO_DIE";
 
 /// The hook of [`DIE_ENV`] for `role`: (epoch, pages).

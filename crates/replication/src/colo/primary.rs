@@ -542,7 +542,7 @@ impl<'a> Session<'a> {
         // ascending order (as every page batch is), once each.
         let t = Instant::now();
         let mut extra = std::mem::take(&mut self.pending);
-        extra.retain(|&gpa| !residual.contains(GuestAddress(gpa)) && Some(gpa) != self.skipped);
+        extra.retain(|&gpa| !residual.contains(GuestAddress(gpa)));
         extra.sort_unstable();
         extra.dedup();
         self.send_pages(PageSet::List(&extra), false, true)?;
