@@ -16,7 +16,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{GUEST_IP, NetNs, TempDir, Twinvm, echo_client, json, path_str, twinvm_bin};
+use common::{
+    GUEST_IP, NetNs, TempDir, Twinvm, echo_client, json, path_str, rss_bytes, twinvm_bin,
+};
 
 const T: Duration = Duration::from_secs(60);
 /// Guest RAM of the pair.
@@ -70,16 +72,6 @@ impl Side {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-}
-
-/// Resident memory of process `pid`, from /proc.
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
 }
 
 /// The files a pair needs: an auth key and a disk image per side.

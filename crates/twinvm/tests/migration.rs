@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     BANNER, GUEST_IP, NetNs, TempDir, Twinvm, counter_of, counters, echo_client, is_counter, json,
-    path_str, twinvm_bin,
+    path_str, rss_bytes, twinvm_bin,
 };
 
 const T: Duration = Duration::from_secs(60);
@@ -200,18 +200,6 @@ fn tcp_connection_and_counter_survive_live_migration() {
     dst.vm.send_line("poweroff");
     let status = dst.vm.wait_exit(T).unwrap();
     assert_eq!(status.code(), Some(0), "{}", dst.vm.transcript());
-}
-
-/// Resident memory of process `pid`, in bytes.
-fn rss_bytes(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kib| kib * 1024)
 }
 
 #[test]

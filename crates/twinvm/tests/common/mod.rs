@@ -86,6 +86,16 @@ pub fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
 }
 
+/// Resident memory of process `pid`, from /proc (0 if it is gone).
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
 /// True if /dev/kvm can be opened read-write. Otherwise panics with the
 /// reason, unless `TWINVM_TESTS_SKIP_KVM=1` is set: then it notes the skip
 /// on stderr and returns false, and the test should return early.
