@@ -387,15 +387,7 @@ fn main() {
     let mut table = String::from(
         "| scenario | downtime p50 | downtime p99 | downtime max | total p50 | rounds p50 | pages in pause p50 |\n|---|---|---|---|---|---|---|\n",
     );
-    let mut split_table = format!(
-        "| scenario | {} |\n|---|{}\n",
-        SPLIT
-            .iter()
-            .map(|s| s.trim_end_matches("_ms").replace('_', " "))
-            .collect::<Vec<_>>()
-            .join(" | "),
-        "---|".repeat(SPLIT.len())
-    );
+    let mut split_table = report::split_header(&SPLIT);
     for s in scenarios.iter_mut().chain(tput.iter_mut()) {
         s.downtime.sort_by(f64::total_cmp);
         s.total.sort_by(f64::total_cmp);

@@ -19,6 +19,20 @@ pub fn median(values: &mut [f64]) -> f64 {
     percentile(values, 0.5)
 }
 
+/// The header of a Markdown table with a `scenario` column and one column
+/// per name of a time split (`vcpu_stop_ms` becomes "vcpu stop").
+pub fn split_header(names: &[&str]) -> String {
+    format!(
+        "| scenario | {} |\n|---|{}\n",
+        names
+            .iter()
+            .map(|s| s.trim_end_matches("_ms").replace('_', " "))
+            .collect::<Vec<_>>()
+            .join(" | "),
+        "---|".repeat(names.len())
+    )
+}
+
 /// `Machine: <n> host CPUs, Linux <release>, KVM <with|without hardware
 /// virtualization ...>.`
 pub fn machine_line() -> String {
