@@ -622,6 +622,19 @@ fn verdict(ok: bool) -> &'static str {
 }
 
 /// The Markdown report.
+/// A target's line of the report: `what`, then for each interval measured
+/// its figure and verdict, or that it was not measured.
+fn target_line(what: &str, results: &[(u64, String, bool)]) -> String {
+    if results.is_empty() {
+        return format!("- {what}: not measured in this run.");
+    }
+    let parts: Vec<String> = results
+        .iter()
+        .map(|(i, figure, met)| format!("{figure} at {i} ms intervals — {}", verdict(*met)))
+        .collect();
+    format!("- {what}: {}.", parts.join("; "))
+}
+
 fn report(outcomes: &[Outcome], n: u64) -> String {
     let mut t = String::from(
         "| scenario | guest dirtied (achieved) | checkpoints | pause mean | p50 | p99 | max | window p99 / max | sync checkpoint |\n\
@@ -662,15 +675,7 @@ fn report(outcomes: &[Outcome], n: u64) -> String {
         );
     }
 
-    let mut split = format!(
-        "| scenario | {} |\n|---|{}\n",
-        SPLIT
-            .iter()
-            .map(|s| s.trim_end_matches("_ms").replace('_', " "))
-            .collect::<Vec<_>>()
-            .join(" | "),
-        "---|".repeat(SPLIT.len())
-    );
+    let mut split = report::split_header(&SPLIT);
     for o in outcomes {
         let cols: Vec<String> = o.window_split.iter().map(|v| format!("{v:.2}")).collect();
         let _ = writeln!(split, "| {} | {} |", o.shape.name(), cols.join(" | "));
@@ -707,31 +712,16 @@ fn report(outcomes: &[Outcome], n: u64) -> String {
     rates.dedup();
 
     // Target 1: p99 ≤ 10 ms, 1 GiB at 20 MiB/s.
-    let mut targets = String::new();
-    let t1: Vec<(u64, f64)> = intervals
+    let t1: Vec<(u64, String, bool)> = intervals
         .iter()
         .filter_map(|&i| find(1, TARGET_RATE, i).map(|o| (i, o.p99)))
+        .map(|(i, p)| (i, format!("{p:.2} ms"), p <= TARGET_P99_MS))
         .collect();
-    if t1.is_empty() {
-        targets.push_str(
-            "- p99 pause ≤ 10 ms at 5120 pages/s (20 MiB/s) with a 1 GiB guest: not measured in this run.\n",
-        );
-    } else {
-        let parts: Vec<String> = t1
-            .iter()
-            .map(|(i, p)| {
-                format!(
-                    "{p:.2} ms at {i} ms intervals — {}",
-                    verdict(*p <= TARGET_P99_MS)
-                )
-            })
-            .collect();
-        let _ = writeln!(
-            targets,
-            "- p99 pause ≤ {TARGET_P99_MS} ms at 5120 pages/s (20 MiB/s) with a 1 GiB guest: {}.",
-            parts.join("; "),
-        );
-    }
+    let mut targets = target_line(
+        &format!("p99 pause ≤ {TARGET_P99_MS} ms at 5120 pages/s (20 MiB/s) with a 1 GiB guest"),
+        &t1,
+    );
+    targets.push('\n');
     // Target 2: 4 GiB p99 within 1.2× of 1 GiB's, same rate and interval
     // (the target at 20 MiB/s; the other rates for information).
     let mut ratios = String::from(
@@ -743,7 +733,7 @@ fn report(outcomes: &[Outcome], n: u64) -> String {
             if let (Some(a), Some(b)) = (find(1, r, i), find(4, r, i)) {
                 let ratio = b.p99 / a.p99;
                 if r == TARGET_RATE {
-                    t2.push((i, ratio));
+                    t2.push((i, format!("{ratio:.2}×"), ratio <= TARGET_SIZE_RATIO));
                 }
                 let _ = writeln!(
                     ratios,
@@ -755,25 +745,16 @@ fn report(outcomes: &[Outcome], n: u64) -> String {
             }
         }
     }
+    targets.push_str(&target_line(
+        &format!(
+            "4 GiB p99 pause within {TARGET_SIZE_RATIO}× of the 1 GiB figure (same rate and interval) at 20 MiB/s"
+        ),
+        &t2,
+    ));
     if t2.is_empty() {
-        targets.push_str(
-            "- 4 GiB p99 within 1.2× of the 1 GiB figure at 20 MiB/s: not measured in this run.\n",
-        );
+        targets.push('\n');
     } else {
-        let parts: Vec<String> = t2
-            .iter()
-            .map(|(i, r)| {
-                format!(
-                    "{r:.2}× at {i} ms intervals — {}",
-                    verdict(*r <= TARGET_SIZE_RATIO)
-                )
-            })
-            .collect();
-        let _ = write!(
-            targets,
-            "- 4 GiB p99 pause within {TARGET_SIZE_RATIO}× of the 1 GiB figure (same rate and interval) at 20 MiB/s: {}. All rates:\n\n{ratios}",
-            parts.join("; "),
-        );
+        let _ = write!(targets, " All rates:\n\n{ratios}");
     }
 
     let low: Vec<String> = outcomes
