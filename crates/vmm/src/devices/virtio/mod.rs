@@ -634,6 +634,7 @@ pub fn open_devices(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use net::tests::MockBackend;
 
     #[test]
     fn layout_matches_the_contract() {
@@ -667,21 +668,27 @@ mod tests {
         assert_eq!(irq.status(), INT_CONFIG);
     }
 
-    #[test]
-    fn net_device_runs_on_its_worker_thread() {
-        use crate::devices::BusDevice;
-        use net::tests::MockBackend;
-        use testutil::{F_NEXT, F_WRITE, TestQueue, driver_start, test_memory, wait_for};
-        use vm_memory::{Bytes, GuestAddress};
-
-        let mem = test_memory();
+    /// A virtio-net device over a mock back end, behind its MMIO transport
+    /// on `mem`, not yet started by a driver.
+    fn mock_net(mem: &GuestMemoryMmap) -> (MockBackend, MmioTransport) {
         let backend = MockBackend::new();
         let dev = Net::new(
             "net0".into(),
             net::default_mac(0),
             Box::new(backend.clone()),
         );
-        let mut t = MmioTransport::new(Box::new(dev), mem.clone()).unwrap();
+        let t = MmioTransport::new(Box::new(dev), mem.clone()).unwrap();
+        (backend, t)
+    }
+
+    #[test]
+    fn net_device_runs_on_its_worker_thread() {
+        use crate::devices::BusDevice;
+        use testutil::{F_NEXT, F_WRITE, TestQueue, driver_start, test_memory, wait_for};
+        use vm_memory::{Bytes, GuestAddress};
+
+        let mem = test_memory();
+        let (backend, mut t) = mock_net(&mem);
         let rxq = TestQueue::at(&mem, 256, 0x10000);
         let txq = TestQueue::at(&mem, 256, 0x20000);
         let features = F_VERSION_1 | 1 << 5 | 1 << 16;
@@ -740,7 +747,6 @@ mod tests {
     #[test]
     fn a_pending_frame_moves_with_the_state_to_another_device() {
         use crate::devices::BusDevice;
-        use net::tests::MockBackend;
         use testutil::{F_WRITE, TestQueue, driver_start, test_memory, wait_for};
         use vm_memory::{Bytes, GuestAddress};
 
@@ -822,19 +828,12 @@ mod tests {
     #[test]
     fn with_event_idx_the_worker_interrupts_only_when_the_driver_waits() {
         use crate::devices::BusDevice;
-        use net::tests::MockBackend;
         use std::sync::atomic::Ordering;
         use testutil::{F_WRITE, TestQueue, driver_start, test_memory, wait_for};
         use vm_memory::{Bytes, GuestAddress};
 
         let mem = test_memory();
-        let backend = MockBackend::new();
-        let dev = Net::new(
-            "net0".into(),
-            net::default_mac(0),
-            Box::new(backend.clone()),
-        );
-        let mut t = MmioTransport::new(Box::new(dev), mem.clone()).unwrap();
+        let (backend, mut t) = mock_net(&mem);
         let rxq = TestQueue::at(&mem, 256, 0x10000);
         let txq = TestQueue::at(&mem, 256, 0x20000);
         // The driver waits for no transmit completion, and for the first
@@ -884,7 +883,6 @@ mod tests {
     #[test]
     fn a_state_saved_before_event_idx_was_offered_loads_and_keeps_its_features() {
         use crate::devices::BusDevice;
-        use net::tests::MockBackend;
         use testutil::{TestQueue, driver_start, test_memory};
 
         let mem = test_memory();
@@ -992,7 +990,6 @@ mod tests {
     #[test]
     fn a_back_end_moves_out_and_in_while_paused_and_a_held_frame_stays() {
         use crate::devices::BusDevice;
-        use net::tests::MockBackend;
         use testutil::{F_WRITE, TestQueue, driver_start, test_memory, wait_for};
         use vm_memory::{Bytes, GuestAddress};
 
