@@ -622,6 +622,14 @@ fn verdict(ok: bool) -> &'static str {
 }
 
 /// The Markdown report.
+/// The distinct values of `key` over `outcomes`, ascending.
+fn distinct(outcomes: &[Outcome], key: impl Fn(&Outcome) -> u64) -> Vec<u64> {
+    let mut v: Vec<u64> = outcomes.iter().map(key).collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
 /// A target's line of the report: `what`, then for each interval measured
 /// its figure and verdict, or that it was not measured.
 fn target_line(what: &str, results: &[(u64, String, bool)]) -> String {
@@ -704,12 +712,8 @@ fn report(outcomes: &[Outcome], n: u64) -> String {
             .iter()
             .find(|o| o.shape.gib == gib && o.shape.rate == rate && o.shape.interval_ms == interval)
     };
-    let mut intervals: Vec<u64> = outcomes.iter().map(|o| o.shape.interval_ms).collect();
-    intervals.sort_unstable();
-    intervals.dedup();
-    let mut rates: Vec<u64> = outcomes.iter().map(|o| o.shape.rate).collect();
-    rates.sort_unstable();
-    rates.dedup();
+    let intervals = distinct(outcomes, |o| o.shape.interval_ms);
+    let rates = distinct(outcomes, |o| o.shape.rate);
 
     // Target 1: p99 ≤ 10 ms, 1 GiB at 20 MiB/s.
     let t1: Vec<(u64, String, bool)> = intervals
@@ -844,15 +848,9 @@ fn svg(outcomes: &[Outcome]) -> String {
         "#6b6b6b", "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b",
     ];
     const DASHES: [&str; 4] = ["", "7 4", "2 3", "9 3 2 3"];
-    let mut intervals: Vec<u64> = outcomes.iter().map(|o| o.shape.interval_ms).collect();
-    intervals.sort_unstable();
-    intervals.dedup();
-    let mut rates: Vec<u64> = outcomes.iter().map(|o| o.shape.rate).collect();
-    rates.sort_unstable();
-    rates.dedup();
-    let mut sizes: Vec<u64> = outcomes.iter().map(|o| o.shape.gib).collect();
-    sizes.sort_unstable();
-    sizes.dedup();
+    let intervals = distinct(outcomes, |o| o.shape.interval_ms);
+    let rates = distinct(outcomes, |o| o.shape.rate);
+    let sizes = distinct(outcomes, |o| o.shape.gib);
     // Idle is grey; the other rates take the next colours in order.
     let color = |rate: u64| {
         let i = rates
